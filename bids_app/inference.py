@@ -1,0 +1,214 @@
+"""Segment one image: centerline → crop → sliding-window U-Net → native-grid mask.
+
+This is the per-image chain of the participant level (``pipeline.py`` handles BIDS, files and
+the batch). Every preprocessing parameter (spacing, patch size, normalisation, threshold)
+comes from the model bundles; nothing here is tuned to a particular model.
+
+Steps:
+1. reorient to RAS (permute/flip only, exact);
+2. centerline: ``auto`` (coarse heatmap model + global fit), ``reference`` (from the reference
+   mask) or ``file`` (a user's mask or points);
+3. crop box on the segmentation grid around the centerline, extended ``crop_extension_mm``
+   beyond both ends along their last direction, so that the segmentation model — not the
+   centerline — decides where the cord ends (the thesis's finding about deepseg);
+4. sliding-window probabilities on the crop, resampled back onto the native grid;
+5. threshold (bundle), keep the cord's components, fill axial holes, trim what lies more than
+   ``trim_margin_mm`` below the centerline's conus tip.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bids_app import centerline as cl
+from bids_app import postprocess
+from bids_app.geometry import (
+    CropBox,
+    apply_affine,
+    box_around_points,
+    grid_for_spacing,
+    reorientation_for,
+    resample,
+    resample_to_grid,
+)
+from bids_app.image_io import LoadedImage
+from bids_app.segment import sliding_window_predict
+
+CENTERLINE_MODES = ("auto", "reference", "file")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """What ``segment_image`` needs besides the image (all from the command line)."""
+
+    model: str | None = None  # segmentation bundle name or path (None: the registry default)
+    centerline_model: str | None = None  # centerline bundle name or path (None: default)
+    centerline_mode: str = "auto"
+    centerline_file: Path | None = None
+    overlap: float = 0.5
+    tta: bool = False
+    crop_extension_mm: float = 30.0
+    trim_margin_mm: float = 10.0
+
+
+@dataclass
+class SegmentationResult:
+    """The outcome of :func:`segment_image`; arrays on the native grid unless said otherwise."""
+
+    mask: np.ndarray  # uint8 0/1, native grid
+    probability: np.ndarray | None  # float32, native grid
+    centerline: cl.Centerline  # working grid of the stage that produced it; points_mm are scanner mm
+    centerline_mask: np.ndarray  # uint8, native grid, one voxel per working axial slice
+    cord_found: bool
+    conus_tip_mm: np.ndarray | None  # from the final mask (None when the cord leaves the view)
+    working_affine: np.ndarray
+    mask_working: np.ndarray  # uint8, RAS working grid (native spacing)
+    image_working: np.ndarray  # float32, RAS working grid (native spacing), for QC/morphometry
+    seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    model_info: dict = field(default_factory=dict)
+
+
+class Models:
+    """The bundles one participant-level invocation uses, loaded (and verified) once."""
+
+    def __init__(self, options: InferenceOptions):
+        from bids_app.bundle import load_bundle
+        from bids_app.registry import default_bundle
+
+        self.segmentation = load_bundle(options.model or default_bundle("segmentation"))
+        self.centerline = None
+        if options.centerline_mode == "auto":
+            self.centerline = load_bundle(options.centerline_model or default_bundle("centerline"))
+        self._predict: dict[str, object] = {}
+
+    def predict_fn(self, which: str):
+        """The batch predictor of ``"segmentation"`` or ``"centerline"`` (built once)."""
+        if which not in self._predict:
+            self._predict[which] = getattr(self, which).predict_fn()
+        return self._predict[which]
+
+    def info(self) -> dict:
+        """Name, version and sha256 of each bundle, for sidecars and provenance."""
+        out = {}
+        for which in ("segmentation", "centerline"):
+            bundle = getattr(self, which)
+            if bundle is not None:
+                out[which] = {
+                    "name": bundle.metadata.get("name"),
+                    "version": bundle.metadata.get("version"),
+                    "sha256": bundle.sha256,
+                    "path": str(bundle.path),
+                }
+        return out
+
+
+def _auto_centerline(work: np.ndarray, waff: np.ndarray, models: Models, overlap: float) -> cl.Centerline:
+    bundle = models.centerline
+    coarse, caff = resample(work, waff, bundle.spacing, order=1)
+    heat = sliding_window_predict(coarse, models.predict_fn("centerline"), bundle.patch_size, overlap)
+    return cl.fit_centerline(heat, caff, bundle.spacing)
+
+
+def _crop_affine(affine: np.ndarray, box: CropBox) -> np.ndarray:
+    shift = np.eye(4)
+    shift[:3, 3] = box.start
+    return affine @ shift
+
+
+def _segment_crop(work, waff, centre: cl.Centerline, models: Models, options: InferenceOptions):
+    """Probabilities on the working grid from the segmentation model run on a crop."""
+    bundle = models.segmentation
+    fine_shape, faff = grid_for_spacing(work.shape, waff, bundle.spacing)
+    pts = apply_affine(np.linalg.inv(faff), centre.points_mm)
+    half_xy = [p // 2 for p in bundle.patch_size[:2]]
+    box = box_around_points(pts, half_xy, options.crop_extension_mm, fine_shape, spacing=bundle.spacing,
+                            min_size=bundle.patch_size)
+    caff = _crop_affine(faff, box)
+    background = float(np.percentile(work, 1.0))
+    crop = resample_to_grid(work, waff, box.shape, caff, order=1, cval=background)
+    prob = sliding_window_predict(crop, models.predict_fn("segmentation"), bundle.patch_size,
+                                  options.overlap, options.tta, pad_value=background)
+    return resample_to_grid(prob, caff, work.shape, waff, order=1, cval=0.0)
+
+
+def _working_centerline(loaded, reo, work, waff, options, models, reference) -> cl.Centerline:
+    if options.centerline_mode == "reference":
+        if reference is None:
+            from bids_app.errors import InputMissingError
+
+            raise InputMissingError("--centerline reference needs a reference mask", path=loaded.path)
+        return cl.centerline_from_mask(reo.to_working(reference.data), waff)
+    if options.centerline_mode == "file":
+        return cl.centerline_from_file(options.centerline_file, work.shape, waff)
+    return _auto_centerline(work, waff, models, options.overlap)
+
+
+def segment_image(
+    loaded: LoadedImage,
+    options: InferenceOptions,
+    reference: LoadedImage | None = None,
+    models: Models | None = None,
+) -> SegmentationResult:
+    """Segment the cord of one image; see the module docstring for the steps.
+
+    ``reference`` (a mask on the image's grid) is only used by ``centerline_mode="reference"``.
+    ``models`` may be passed to share loaded bundles between runs.
+    """
+    models = models or Models(options)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    reo = reorientation_for(loaded.affine, loaded.data.shape)
+    work = reo.to_working(loaded.data).astype(np.float32)
+    waff = reo.working_affine
+    spacing = reo.working_spacing
+
+    t = time.perf_counter()
+    centre = _working_centerline(loaded, reo, work, waff, options, models, reference)
+    seconds["centerline"] = time.perf_counter() - t
+
+    prob_native = None
+    mask_work = np.zeros(work.shape, dtype=np.uint8)
+    warnings: list[str] = list(loaded.warnings)
+    if centre.found:
+        t = time.perf_counter()
+        prob_work = _segment_crop(work, waff, centre, models, options)
+        seconds["segmentation"] = time.perf_counter() - t
+        t = time.perf_counter()
+        prob_native = reo.to_native(prob_work)
+        # threshold on the native grid, then clean up in the (exactly permuted) working grid
+        mask_work = reo.to_working(postprocess.binarise(prob_native, models.segmentation.threshold))
+        mask_work = postprocess.keep_cord_components(mask_work, spacing)
+        mask_work = postprocess.fill_holes_axial(mask_work)
+        if centre.conus_tip_mm is not None:
+            tip_vox = apply_affine(np.linalg.inv(waff), centre.conus_tip_mm)
+            mask_work = postprocess.trim_below(mask_work, tip_vox, spacing, margin_mm=options.trim_margin_mm)
+        seconds["postprocess"] = time.perf_counter() - t
+    else:
+        warnings.append("no spinal cord found in the field of view: the mask is empty")
+
+    cord_found = bool(mask_work.any())
+    final_centre = cl.centerline_from_mask(mask_work, waff) if cord_found else centre
+    conus_tip = final_centre.conus_tip_mm if cord_found else None
+    on_work = cl.Centerline(
+        apply_affine(np.linalg.inv(waff), centre.points_mm), centre.points_mm, waff, spacing, centre.found
+    ) if centre.found else cl.Centerline.empty(waff, spacing)
+    seconds["total"] = time.perf_counter() - t0
+    return SegmentationResult(
+        mask=reo.to_native(mask_work).astype(np.uint8),
+        probability=prob_native,
+        centerline=centre,
+        centerline_mask=reo.to_native(cl.centerline_to_mask(on_work, work.shape)),
+        cord_found=cord_found,
+        conus_tip_mm=conus_tip,
+        working_affine=waff,
+        mask_working=mask_work,
+        image_working=work,
+        seconds=seconds,
+        warnings=warnings,
+        model_info=models.info(),
+    )

@@ -1,0 +1,62 @@
+"""Data-only list of the model bundles shipped with conus.
+
+This module feeds argparse choices (``--model``) and must stay import-light: no TensorFlow,
+no numpy. Each entry names a folder under the shipped models directory (``models/`` at the
+repository root, or ``$CONUS_MODELS_DIR`` when set, e.g. inside the container), the task the
+model performs, a one-line description, and whether it is the default for its task.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bids_app.errors import BundleError
+
+#: name -> {folder (relative to the models directory), task, description, default}
+SHIPPED_BUNDLES: dict[str, dict] = {
+    "seg-general": {
+        "folder": "seg-general",
+        "task": "segmentation",
+        "description": "3D U-Net (base 8, depth 3) cord segmentation at 0.5x0.5x1.0 mm, all regions, "
+        "trained on synthetic images only",
+        "default": True,
+    },
+    "centerline-coarse": {
+        "folder": "centerline-coarse",
+        "task": "centerline",
+        "description": "coarse 3D U-Net cord heatmap at 1.5 mm isotropic over the whole field of view, "
+        "input to the global centerline fit",
+        "default": True,
+    },
+}
+
+TASKS = ("segmentation", "centerline")
+
+
+def models_dir() -> Path:
+    """Folder holding the shipped bundles: ``$CONUS_MODELS_DIR`` or ``<repository>/models``."""
+    env = os.environ.get("CONUS_MODELS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def bundle_names(task: str | None = None) -> list[str]:
+    """Names of shipped bundles, optionally only those for ``task`` (argparse choices)."""
+    return [name for name, entry in SHIPPED_BUNDLES.items() if task is None or entry["task"] == task]
+
+
+def default_bundle(task: str) -> str:
+    """Name of the default shipped bundle for ``task`` ("segmentation" or "centerline")."""
+    for name, entry in SHIPPED_BUNDLES.items():
+        if entry["task"] == task and entry["default"]:
+            return name
+    raise BundleError(f"no default bundle for task {task!r}; shipped: {', '.join(SHIPPED_BUNDLES)}")
+
+
+def bundle_folder(name: str) -> Path:
+    """Absolute folder of the shipped bundle ``name`` (BundleError when unknown)."""
+    if name not in SHIPPED_BUNDLES:
+        raise BundleError(f"unknown model {name!r}; shipped models: {', '.join(SHIPPED_BUNDLES)}")
+    return models_dir() / SHIPPED_BUNDLES[name]["folder"]
