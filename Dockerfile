@@ -27,7 +27,8 @@ LABEL org.opencontainers.image.title="conus" \
       org.opencontainers.image.revision="${CONUS_REVISION}" \
       org.opencontainers.image.licenses="MIT"
 
-# CONUS_CONTAINER_IMAGE is recorded in dataset_description.json (GeneratedBy.Container).
+# CONUS_CONTAINER_IMAGE is recorded in dataset_description.json (GeneratedBy.Container);
+# CONUS_MODELS_DIR is where the baked-in model bundles are (read-only).
 # Everything that could write at run time points at /tmp (a tmpfs with `docker run --read-only
 # --tmpfs /tmp`, a private in-memory /tmp with `apptainer run --containall`). The image's own
 # files (/usr/local, /opt/conus) are owned by root and never written after the build.
@@ -42,7 +43,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     XDG_CONFIG_HOME=/tmp/config \
     DENO_DIR=/tmp/deno \
     TF_CPP_MIN_LOG_LEVEL=2 \
-    CONUS_CONTAINER_IMAGE="conus:${CONUS_VERSION}"
+    CONUS_CONTAINER_IMAGE="conus:${CONUS_VERSION}" \
+    CONUS_MODELS_DIR=/opt/conus/models
 
 WORKDIR /opt/conus
 

@@ -230,7 +230,13 @@ def get_tools_parser() -> ArgumentParser:
         tool.add_argument("--batch-size", type=_positive_int, default=None)
         tool.add_argument("--lr", type=float, default=None, help="learning rate")
         tool.add_argument("--max-minutes", type=float, default=None, help="stop after this wall-clock time")
-        tool.add_argument("--resume", action="store_true", help="resume from the checkpoints in --out")
+        tool.add_argument("--resume", action="store_true", help="resume from the checkpoints in --run-dir")
+        tool.add_argument("--run-dir", type=Path, default=None, metavar="DIR",
+                          help="checkpoints and logs (default: runs/<name>)")
+        tool.add_argument("--workers", type=int, default=None,
+                          help="processes generating training patches (default: 1)")
+        tool.add_argument("--threads", type=_positive_int, default=None,
+                          help="TensorFlow intra-op threads (default: 2)")
         _add_common_tool_options(tool)
     return parser
 
@@ -350,6 +356,7 @@ def run_bids_app(cfg: ParticipantConfig) -> int:
 def run_tool(argv: Sequence[str]) -> int:
     """Parse and run ``conus demo|synth|train|finetune ...`` (implementations imported lazily)."""
     args = get_tools_parser().parse_args(list(argv))
+    args.argv = ["conus", *argv]
     configure_logging(-1 if args.quiet else args.verbose)
     module_name, function_name = TOOL_ENTRY_POINTS[args.tool]
     try:

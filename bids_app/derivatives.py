@@ -42,15 +42,16 @@ CONTAINER_ENV = "CONUS_CONTAINER_IMAGE"
 SIDECAR_SCHEMA = 1
 
 BIDSIGNORE_LINES = (
+    # patterns as bids-validator-deno 3 matches them (checked: it ignores "*_desc-*" but not
+    # "*_desc-*.tsv", and "**/log" but not "*/log/")
     "*_label-SC_seg.*",
     "*_label-SC_dseg.*",
     "*_label-centerline_seg.*",
     "*_label-discs_dlabel.*",
-    "*_desc-*.tsv",
-    "*_desc-*.json",
-    "*_desc-qc.png",
-    "*/log/",
-    "group/",
+    "*_desc-*",
+    "**/log",
+    "group",
+    "compare",
 )
 
 
@@ -66,6 +67,7 @@ class OutputPaths:
     metrics_json: Path
     slice_metrics_tsv: Path
     morphometry_tsv: Path
+    morphometry_levels_tsv: Path
     qc_png: Path
     discs: Path
     discs_tsv: Path
@@ -97,6 +99,7 @@ def output_paths(output_dir: Path, run: Run) -> OutputPaths:
         metrics_json=name("_desc-metrics.json"),
         slice_metrics_tsv=name("_desc-slicemetrics.tsv"),
         morphometry_tsv=name("_desc-morphometry.tsv"),
+        morphometry_levels_tsv=name("_desc-morphometrylevels.tsv"),
         qc_png=name("_desc-qc.png"),
         discs=name("_label-discs_dlabel.nii.gz"),
         discs_tsv=name("_desc-discs.tsv"),

@@ -133,25 +133,54 @@ def resample(data: np.ndarray, affine: np.ndarray, new_spacing, order: int) -> t
     return resample_to_grid(data, affine, new_shape, new_affine, order=order), new_affine
 
 
+_FOV_TOL = 1e-6
+
+
+def _is_diagonal(linear: np.ndarray) -> bool:
+    return bool(np.allclose(linear, np.diag(np.diag(linear)), atol=1e-9))
+
+
+def _destination_bounds(src_shape, matrix: np.ndarray, dst_shape) -> tuple[np.ndarray, np.ndarray] | None:
+    """Inclusive destination index range that can see the source field of view, or None if none can.
+
+    ``matrix`` maps destination indices to source indices. The source field of view is the box
+    of voxel edges [-0.5, n - 0.5]; its 8 corners are mapped into destination index space.
+    """
+    edges = [[-0.5 - _FOV_TOL, n - 0.5 + _FOV_TOL] for n in src_shape[:3]]
+    corners = np.array(np.meshgrid(*edges, indexing="ij")).reshape(3, -1).T
+    dst = apply_affine(np.linalg.inv(matrix), corners)
+    lo = np.maximum(np.ceil(dst.min(axis=0) - _FOV_TOL), 0).astype(int)
+    hi = np.minimum(np.floor(dst.max(axis=0) + _FOV_TOL), np.asarray(dst_shape) - 1).astype(int)
+    if np.any(hi < lo):
+        return None
+    return lo, hi
+
+
 def _outside_fov(src_shape, matrix: np.ndarray, dst_shape) -> np.ndarray | None:
     """Boolean mask of destination voxels whose source coordinate lies outside the source's
     field of view (voxel edges at -0.5 and n - 0.5), or None when every voxel lies inside."""
-    tol = 1e-6
+    upper = np.asarray(src_shape[:3], dtype=np.float64) - 0.5 + _FOV_TOL
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in dst_shape], indexing="ij")).reshape(3, -1).T
     src = apply_affine(matrix, corners)
-    upper = np.asarray(src_shape, dtype=np.float64) - 0.5
-    if np.all(src >= -0.5 - tol) and np.all(src <= upper + tol):
-        return None  # the source field of view is convex: all corners inside -> everything inside
-    outside = np.zeros(tuple(dst_shape), dtype=bool)
+    if np.all(src >= -0.5 - _FOV_TOL) and np.all(src <= upper):
+        return None  # the field of view is convex: all corners inside -> everything inside
     grids = [np.arange(n, dtype=np.float64) for n in dst_shape]
-    for axis in range(3):
-        coord = (
-            matrix[axis, 0] * grids[0][:, None, None]
-            + matrix[axis, 1] * grids[1][None, :, None]
-            + matrix[axis, 2] * grids[2][None, None, :]
-            + matrix[axis, 3]
-        )
-        outside |= (coord < -0.5 - tol) | (coord > upper[axis] + tol)
+    if _is_diagonal(matrix[:3, :3]):  # separable: one 1-D test per axis
+        inside = [
+            (c >= -0.5 - _FOV_TOL) & (c <= upper[a])
+            for a, c in enumerate(matrix[a, a] * grids[a] + matrix[a, 3] for a in range(3))
+        ]
+        return ~(inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])
+    outside = np.zeros(tuple(dst_shape), dtype=bool)
+    for i in range(dst_shape[0]):  # one slab at a time keeps memory at one plane of float64
+        for axis in range(3):
+            coord = (
+                matrix[axis, 0] * i
+                + matrix[axis, 1] * grids[1][:, None]
+                + matrix[axis, 2] * grids[2][None, :]
+                + matrix[axis, 3]
+            )
+            outside[i] |= (coord < -0.5 - _FOV_TOL) | (coord > upper[axis])
     return outside
 
 
@@ -161,28 +190,35 @@ def resample_to_grid(
     """Resample ``data`` (on ``src_affine``) onto the grid (``dst_shape``, ``dst_affine``).
 
     Destination voxels whose centre lies inside the source field of view (including the outer
-    half voxel) are interpolated with edge extension; voxels outside it get ``cval``.
-    Returns float32 (order > 0) or the input dtype (order 0).
+    half voxel) are interpolated with edge extension; voxels outside it get ``cval``. Only the
+    destination sub-box that overlaps the source is interpolated, so bringing a small crop back
+    onto a large grid is cheap. Returns float32 (order > 0) or the input dtype (order 0).
     """
     data = np.asarray(data)
     dst_shape = tuple(int(n) for n in tuple(dst_shape)[:3])
     matrix = np.linalg.solve(
         np.asarray(src_affine, dtype=np.float64), np.asarray(dst_affine, dtype=np.float64)
     )
-    linear = matrix[:3, :3]
-    out_dtype = data.dtype if order == 0 else np.float32
+    out_dtype = data.dtype if order == 0 else np.dtype(np.float32)
+    out = np.full(dst_shape, cval, dtype=out_dtype)
+    bounds = _destination_bounds(data.shape, matrix, dst_shape)
+    if bounds is None:
+        return out
+    lo, hi = bounds
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    sub_matrix = matrix @ shift  # sub-box index -> source index
+    sub_shape = tuple(int(n) for n in hi - lo + 1)
     src = data if order == 0 or data.dtype == np.float32 else data.astype(np.float32)
-    if np.allclose(linear, np.diag(np.diag(linear)), atol=1e-9):
-        linear_arg = np.diag(linear)  # diagonal: scipy's faster zoom/shift path
-    else:
-        linear_arg = linear
-    out = ndimage.affine_transform(
-        src, linear_arg, offset=matrix[:3, 3], output_shape=dst_shape, order=order, mode="nearest",
-        output=out_dtype,
+    linear = sub_matrix[:3, :3]
+    sub = ndimage.affine_transform(
+        src, np.diag(linear) if _is_diagonal(linear) else linear,  # diagonal: scipy's faster path
+        offset=sub_matrix[:3, 3], output_shape=sub_shape, order=order, mode="nearest", output=out_dtype,
     )  # fmt: skip
-    outside = _outside_fov(data.shape, matrix, dst_shape)
+    outside = _outside_fov(data.shape, sub_matrix, sub_shape)
     if outside is not None:
-        out[outside] = cval
+        sub[outside] = cval
+    out[tuple(slice(a, b + 1) for a, b in zip(lo, hi, strict=True))] = sub
     return out
 
 

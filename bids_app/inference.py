@@ -66,8 +66,6 @@ class SegmentationResult:
     cord_found: bool
     conus_tip_mm: np.ndarray | None  # from the final mask (None when the cord leaves the view)
     working_affine: np.ndarray
-    mask_working: np.ndarray  # uint8, RAS working grid (native spacing)
-    image_working: np.ndarray  # float32, RAS working grid (native spacing), for QC/morphometry
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     model_info: dict = field(default_factory=dict)
@@ -206,8 +204,6 @@ def segment_image(
         cord_found=cord_found,
         conus_tip_mm=conus_tip,
         working_affine=waff,
-        mask_working=mask_work,
-        image_working=work,
         seconds=seconds,
         warnings=warnings,
         model_info=models.info(),

@@ -50,6 +50,7 @@ from bids_app.derivatives import (
     write_tsv,
 )
 from bids_app.errors import EXIT_IO_ERROR, EXIT_OK, EXIT_RUN_FAILED, ConusError, UsageError
+from bids_app.writers import REPORT_WRITERS
 
 LOG = logging.getLogger("conus.pipeline")
 
@@ -104,6 +105,7 @@ class RunContext:
     reference: Any = None
     result: Any = None
     written: list[Path] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)  # shared between writers (levels, ...)
     warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
@@ -112,11 +114,36 @@ class RunContext:
 # model identity and default segmenter (lazy: nothing here imports TensorFlow)
 
 
-def default_segment_fn() -> SegmentFn:
-    """The shipped segmenter, ``bids_app.inference.segment_image`` (imported lazily)."""
-    from bids_app.inference import segment_image
+def inference_options(cfg: ParticipantConfig):
+    """The :class:`bids_app.inference.InferenceOptions` for this configuration."""
+    from bids_app.inference import InferenceOptions
 
-    return segment_image
+    mode = "file" if cfg.centerline_file is not None else cfg.centerline
+    return InferenceOptions(model=cfg.model, centerline_mode=mode, centerline_file=cfg.centerline_file,
+                            overlap=cfg.overlap, tta=cfg.tta)
+
+
+_MODELS_CACHE: dict[Any, Any] = {}
+
+
+def shipped_segmenter(loaded, cfg: ParticipantConfig, reference=None):
+    """Segment with the shipped models (``bids_app.inference.segment_image``).
+
+    The bundles are loaded once per process and per set of options (module-level cache), so a
+    batch, or each worker process, loads them only once. Module-level, hence picklable.
+    """
+    from bids_app import inference
+
+    options = inference_options(cfg)
+    if options not in _MODELS_CACHE:
+        _MODELS_CACHE.clear()
+        _MODELS_CACHE[options] = inference.Models(options)
+    return inference.segment_image(loaded, options, reference=reference, models=_MODELS_CACHE[options])
+
+
+def default_segment_fn() -> SegmentFn:
+    """The segmenter used when none is injected: :func:`shipped_segmenter`."""
+    return shipped_segmenter
 
 
 def model_identity(cfg: ParticipantConfig, segment_fn: SegmentFn | None) -> dict[str, Any]:
@@ -171,24 +198,28 @@ def mm_to_voxel(affine: np.ndarray, points_mm: np.ndarray) -> np.ndarray:
 
 
 def write_centerline(ctx: RunContext) -> list[Path]:
-    """Centerline mask (one voxel per point, native grid) and its points in mm (TSV)."""
+    """Centerline mask (native grid; the result's ``centerline_mask`` when it has one, else one
+    voxel per point) and its points in mm (TSV)."""
     from bids_app.image_io import save_like
 
     points = _centerline_points(ctx)
     if points is None:
         return []
     shape = ctx.loaded.data.shape
-    voxels = np.rint(mm_to_voxel(ctx.loaded.affine, points)).astype(int)
-    inside = np.all((voxels >= 0) & (voxels < np.array(shape)), axis=1)
-    label = np.zeros(shape, dtype=np.uint8)
-    label[tuple(voxels[inside].T)] = 1
+    label = getattr(ctx.result, "centerline_mask", None)
+    if label is None:   # rasterise the points: one voxel per point on the native grid
+        voxels = np.rint(mm_to_voxel(ctx.loaded.affine, points)).astype(int)
+        inside = np.all((voxels >= 0) & (voxels < np.array(shape)), axis=1)
+        label = np.zeros(shape, dtype=np.uint8)
+        label[tuple(voxels[inside].T)] = 1
+    label = (np.asarray(label) > 0).astype(np.uint8)
     tsv = write_tsv(ctx.paths.centerline_tsv, ["x_mm", "y_mm", "z_mm"],
                     [[float(v) for v in p] for p in points])
     return [save_like(label, ctx.loaded.img, ctx.paths.centerline_mask), tsv]
 
 
 #: The per-run writers, called in this order after segmentation (append new outputs here).
-RUN_WRITERS: list[Callable[[RunContext], list[Path]]] = [write_mask, write_centerline]
+RUN_WRITERS: list[Callable[[RunContext], list[Path]]] = [write_mask, write_centerline, *REPORT_WRITERS]
 
 
 def sidecar_content(ctx: RunContext) -> dict[str, Any]:

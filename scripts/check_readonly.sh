@@ -49,14 +49,14 @@ blocked_dirs() {
 open_dir() {
     local dir="$1" stash e name
     stash="$(mktemp -d)"
-    mount --bind "$dir" "$stash"
-    mount -t tmpfs -o mode=0711 tmpfs "$dir"
+    mount --bind "$dir" "$stash" || return 1
+    mount -t tmpfs -o mode=0711 tmpfs "$dir" || return 1
     for e in "$stash"/* "$stash"/.[!.]* "$stash"/..?*; do
         [[ -e "$e" || -L "$e" ]] || continue
         name="${e##*/}"
-        if [[ -L "$e" ]]; then cp -P "$e" "$dir/$name"
-        elif [[ -d "$e" ]]; then mkdir "$dir/$name"; mount --bind "$e" "$dir/$name"
-        else : >"$dir/$name"; mount --bind "$e" "$dir/$name"
+        if [[ -L "$e" ]]; then cp -P "$e" "$dir/$name" || return 1
+        elif [[ -d "$e" ]]; then mkdir "$dir/$name" && mount --bind "$e" "$dir/$name" || return 1
+        else : >"$dir/$name" && mount --bind "$e" "$dir/$name" || return 1
         fi
     done
 }
@@ -66,7 +66,8 @@ if [[ "${1:-}" == "--in-namespace" ]]; then
     while IFS= read -r d; do
         [[ -n "$d" ]] || continue
         say "making $d enterable for $user inside a private mount namespace"
-        open_dir "$d"
+        open_dir "$d" || die "cannot bind-mount inside the namespace (no CAP_SYS_ADMIN?): run the check from" \
+            "a clone and venv under world-readable folders instead"
     done < <(blocked_dirs)
 elif [[ -n "$(blocked_dirs)" ]]; then
     command -v unshare >/dev/null || die "$(blocked_dirs | head -1) is closed to $user and unshare is missing"
@@ -90,8 +91,9 @@ mkdir -p "$scratch/tmp" "$scratch/out" "$scratch/trace" "$scratch/data"
 chown "$user" "$scratch/tmp" "$scratch/out" "$scratch/trace"
 
 # The image's environment: the Dockerfile's ENV pairs (${CONUS_VERSION} expanded, /tmp moved to
-# the scratch folder), HOME pointing nowhere (nothing may need a home directory).
-mapfile -t image_env < <("$py" - "$repo/Dockerfile" "$scratch/tmp" <<'PYEOF'
+# the scratch folder, /opt/conus, the image's copy of the repository, mapped to this clone),
+# HOME pointing nowhere (nothing may need a home directory).
+mapfile -t image_env < <("$py" - "$repo/Dockerfile" "$scratch/tmp" "$repo" <<'PYEOF'
 import re
 import shlex
 import sys
@@ -106,6 +108,8 @@ for line in text.splitlines():
             value = value.replace("${CONUS_VERSION}", bids_app.__version__)
             if value == "/tmp" or value.startswith("/tmp/"):
                 value = sys.argv[2] + value[4:]
+            elif value == "/opt/conus" or value.startswith("/opt/conus/"):
+                value = sys.argv[3] + value[10:]
             print(f"{key}={value}")
 PYEOF
 )
@@ -216,7 +220,10 @@ for line in open(log, encoding="utf-8", errors="replace"):
     if name in ("open", "openat", "openat2") and not any(f in args for f in WRITE_FLAGS):
         continue
     calls += 1
-    for _dirfd, dirpath, path in arg_re.findall(args):
+    paths = arg_re.findall(args)
+    if name in ("symlink", "symlinkat", "link", "linkat"):
+        paths = paths[-1:]   # the link created; the target is not written
+    for _dirfd, dirpath, path in paths:
         if not os.path.isabs(path):
             path = os.path.join(dirpath or allowed[-1], path)
         if not inside(os.path.normpath(path)):

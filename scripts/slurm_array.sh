@@ -19,7 +19,7 @@
 #   CONUS_MEM          memory per task (default 4G)
 #   CONUS_TIME         time limit per task (default 01:00:00)
 #   CONUS_MAX_PARALLEL at most this many array tasks at once (default: no limit)
-#   CONUS_LOG_DIR      where SLURM writes its logs (default OUTPUT_DIR/logs/slurm)
+#   CONUS_LOG_DIR      where SLURM writes its logs (default ./conus-slurm-logs, outside OUTPUT_DIR)
 # The `task` and `group` sub-commands are what the submitted jobs run; they are not meant to be
 # called by hand, except to debug one task: SLURM_ARRAY_TASK_ID=3 scripts/slurm_array.sh task ...
 set -euo pipefail
@@ -59,7 +59,7 @@ load_labels() {
 run_conus() {
     if [[ -n "${CONUS_SIF:-}" ]]; then
         local tmp="${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/conus-${SLURM_JOB_ID:-$$}-${SLURM_ARRAY_TASK_ID:-0}"
-        mkdir -p "$tmp"
+        mkdir -p "$tmp" "$out"
         apptainer run --containall --bind "$bids:$bids:ro" --bind "$out:$out" --bind "$tmp:/tmp" \
             "$CONUS_SIF" "$@"
     else
@@ -80,7 +80,7 @@ case "$mode" in
         n="${#labels[@]}"
         [[ "$n" -gt 0 ]] || die "no participants in $bids/participants.tsv" 18
         cpus="${CONUS_CPUS:-2}"
-        logs="${CONUS_LOG_DIR:-$out/logs/slurm}"
+        logs="$(readlink -f "${CONUS_LOG_DIR:-conus-slurm-logs}")"
         mkdir -p "$logs"
         array="1-$n"
         if [[ -n "${CONUS_MAX_PARALLEL:-}" ]]; then array="$array%$CONUS_MAX_PARALLEL"; fi

@@ -132,21 +132,23 @@ def fake_cluster(tmp_path, monkeypatch) -> Path:
     return log
 
 
-def _slurm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _slurm(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SLURM), *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})})
+                          cwd=cwd, env={**os.environ, **(env or {})})
 
 
 def test_slurm_array_submits_one_task_per_participant_then_group(tmp_path, fake_cluster):
     bids = build_dataset(tmp_path / "bids", [ImageSpec(sub=s) for s in ("01", "02", "10")])
     (bids / "participants.tsv").write_text("participant_id\tage\nsub-10\t30\nsub-01\t41\r\nsub-02\tn/a\n")
     out = tmp_path / "out"
-    result = _slurm("submit", str(bids), str(out), "--contrast", "T2w", env={"CONUS_MAX_PARALLEL": "2"})
+    result = _slurm("submit", str(bids), str(out), "--contrast", "T2w", cwd=tmp_path,
+                    env={"CONUS_MAX_PARALLEL": "2"})
     assert result.returncode == 0, result.stderr
     array_call, group_call = fake_cluster.read_text().splitlines()
     assert "--array=1-3%2" in array_call and f" task {bids} {out} --n_cpus 2 --contrast T2w" in array_call
     assert "--dependency=afterany:1001" in group_call and group_call.endswith(f" group {bids} {out}")
     assert "array job 1001" in result.stdout and "group job 1002" in result.stdout
+    assert f"--output={tmp_path}/conus-slurm-logs/participant-%A_%a.log" in array_call
 
 
 def test_slurm_array_task_processes_only_its_own_participant(tmp_path, fake_cluster):
@@ -154,19 +156,35 @@ def test_slurm_array_task_processes_only_its_own_participant(tmp_path, fake_clus
     (bids / "participants.tsv").write_text("age\tparticipant_id\n30\tsub-10\n41\tsub-01\n\n52\tsub-02\n")
     out = tmp_path / "out"
     for index in (1, 2, 3):
-        result = _slurm("task", str(bids), str(out), "--n_cpus", "2", env={"SLURM_ARRAY_TASK_ID": str(index)})
+        result = _slurm("task", str(bids), str(out), "--n_cpus", "2", cwd=tmp_path,
+                        env={"SLURM_ARRAY_TASK_ID": str(index)})
         assert result.returncode == 0, result.stderr
     calls = fake_cluster.read_text().splitlines()
     assert calls == [f"conus {bids} {out} participant --participant_label {label} --n_cpus 2"
                      for label in ("10", "01", "02")]
-    beyond = _slurm("task", str(bids), str(out), env={"SLURM_ARRAY_TASK_ID": "4"})
+    beyond = _slurm("task", str(bids), str(out), cwd=tmp_path, env={"SLURM_ARRAY_TASK_ID": "4"})
     assert beyond.returncode != 0 and "outside 1..3" in beyond.stderr
+
+
+def test_slurm_array_task_runs_the_apptainer_image_with_private_tmp(tmp_path, fake_cluster):
+    bids = build_dataset(tmp_path / "bids", [ImageSpec(sub="01")])
+    out, sif, scratch = tmp_path / "out", tmp_path / "conus.sif", tmp_path / "scratch"
+    _recorder(fake_cluster.parent / "fakebin" / "apptainer", f'echo "apptainer $*" >> {fake_cluster}\n')
+    result = _slurm("task", str(bids), str(out), cwd=tmp_path,
+                    env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "77", "CONUS_SIF": str(sif),
+                         "SLURM_TMPDIR": str(scratch)})
+    assert result.returncode == 0, result.stderr
+    tmp = scratch / "conus-77-1"
+    assert fake_cluster.read_text().splitlines() == [
+        f"apptainer run --containall --bind {bids}:{bids}:ro --bind {out}:{out} --bind {tmp}:/tmp {sif} "
+        f"{bids} {out} participant --participant_label 01"]
+    assert tmp.is_dir() and out.is_dir()
 
 
 def test_slurm_array_refuses_a_dataset_without_participants_tsv(tmp_path, fake_cluster):
     bids = build_dataset(tmp_path / "bids", [ImageSpec(sub="01")])
     (bids / "participants.tsv").unlink()
-    result = _slurm("submit", str(bids), str(tmp_path / "out"))
+    result = _slurm("submit", str(bids), str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 66 and "participants.tsv" in result.stderr
     assert not fake_cluster.exists()
 

@@ -82,7 +82,7 @@ def test_dataset_files_are_idempotent_and_refuse_foreign_datasets(tmp_path):
     first = (out / "dataset_description.json").stat().st_mtime_ns
     derivatives.write_dataset_files(out, tmp_path)
     assert (out / "dataset_description.json").stat().st_mtime_ns == first
-    assert "*_desc-*.tsv" in (out / ".bidsignore").read_text().splitlines()
+    assert "*_desc-*" in (out / ".bidsignore").read_text().splitlines()
     labels = tmp_path / "labels"
     labels.mkdir()
     (labels / "dataset_description.json").write_text(json.dumps({"Name": "manual labels",

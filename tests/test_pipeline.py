@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import fixtures
@@ -14,11 +11,9 @@ import numpy as np
 import pytest
 from fixtures import HEADERS, ImageSpec, build_dataset, threshold_segmenter
 
-from bids_app import pipeline
+from bids_app import bids_io, pipeline
 from bids_app.config import ParticipantConfig
 from bids_app.image_io import GEOMETRY_FIELDS
-
-TESTS = Path(__file__).resolve().parent
 
 
 def _cfg(bids: Path, out: Path, **kw) -> ParticipantConfig:
@@ -65,8 +60,10 @@ def test_sidecar_content(bids_two, tmp_path):
     assert side["Model"]["name"] == "test-threshold" and side["Model"]["sha256"] == "0" * 64
     assert side["Parameters"]["tta"] is True and side["Seconds"]["total"] > 0
     assert side["Provenance"]["InputSHA256"] and side["Provenance"]["ReferenceSHA256"]
-    assert set(side["Outputs"]) == {"sub-01_T2w_label-SC_seg.nii.gz", "sub-01_T2w_label-centerline_seg.nii.gz",
-                                    "sub-01_T2w_desc-centerline.tsv"}
+    assert set(side["Outputs"]) == {f"sub-01_T2w_{tail}" for tail in (
+        "label-SC_seg.nii.gz", "label-centerline_seg.nii.gz", "desc-centerline.tsv", "desc-discs.tsv",
+        "desc-levels.tsv", "desc-metrics.json", "desc-slicemetrics.tsv", "desc-morphometry.tsv",
+        "desc-morphometrylevels.tsv", "desc-qc.png")}
     tip = side["ConusTip"]
     assert tip["voxel"][2] == pytest.approx(0.0) and len(tip["mm"]) == 3
     desc = json.loads((out / "dataset_description.json").read_text())
@@ -144,6 +141,8 @@ def test_failed_run_writes_error_record_and_batch_goes_on(bids_two, tmp_path, mo
     assert "RuntimeError" in record["Traceback"] and record["Input"].endswith("sub-01_T2w.nii.gz")
     assert not (_anat(out, "01") / "sub-01_T2w_label-SC_seg.json").exists()
     assert (_anat(out, "02") / "sub-02_T2w_label-SC_seg.json").exists()
+    # the derivatives folder, error log included, passes the BIDS validator thanks to .bidsignore
+    assert "BIDS compatible" in bids_io.validate_dataset(out)
     # fixed: the rerun processes the failed run, skips the other, and clears the error record
     summary = pipeline.run_participant_level(_cfg(bids_two, out), threshold_segmenter)
     assert [o.status for o in summary.outcomes] == ["ok", "skipped"]
@@ -161,34 +160,18 @@ def test_parallel_workers_match_serial(bids_two, tmp_path):
     assert pipeline.worker_threads(4, cpus=16) == 4 and pipeline.worker_threads(4, cpus=2) == 1
 
 
-def test_concurrent_processes_into_one_folder(tmp_path):
-    subs = ["01", "02", "03", "04"]
-    bids = build_dataset(tmp_path / "bids", [ImageSpec(sub=s, seed=i) for i, s in enumerate(subs)])
-    out = tmp_path / "out"
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(TESTS)!r})
-        from pathlib import Path
-        from fixtures import threshold_segmenter
-        from bids_app.config import ParticipantConfig
-        from bids_app.pipeline import run_participant_level
-        cfg = ParticipantConfig(bids_dir=Path({str(bids)!r}), output_dir=Path({str(out)!r}),
-                                participant_labels=(sys.argv[1],), verbosity=-1)
-        sys.exit(run_participant_level(cfg, threshold_segmenter).exit_code)
-    """)
-    procs = [subprocess.Popen([sys.executable, "-c", script, s]) for s in subs]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0, 0]
-    for s in subs:
-        side = json.loads((_anat(out, s) / f"sub-{s}_T2w_label-SC_seg.json").read_text())
-        assert side["CordFound"] is True
-        for name in side["Outputs"]:
-            assert (_anat(out, s) / name).is_file()
-    json.loads((out / "dataset_description.json").read_text())
-    assert not [p for p in out.rglob("*.tmp")]
-
-
 def test_summary_line():
     summary = pipeline.Summary((pipeline.RunOutcome("a", "ok", 1.0), pipeline.RunOutcome("b", "skipped", 0.0),
                                 pipeline.RunOutcome("c", "failed", 0.5, 65, "bad")), 2.0)
     assert summary.line() == "3 run(s): 1 ok, 1 skipped, 1 failed in 2.0 s"
     assert summary.exit_code == 1
+
+
+def test_inference_options_from_config(tmp_path):
+    cfg = _cfg(tmp_path, tmp_path / "out", model="seg-general", tta=True, overlap=3, centerline="reference")
+    options = pipeline.inference_options(cfg)
+    assert (options.model, options.tta, options.overlap, options.centerline_mode) == ("seg-general", True, 3,
+                                                                                      "reference")
+    options = pipeline.inference_options(cfg.with_changes(centerline_file=tmp_path / "c.tsv"))
+    assert options.centerline_mode == "file" and options.centerline_file == tmp_path / "c.tsv"
+    assert pipeline.default_segment_fn() is pipeline.shipped_segmenter

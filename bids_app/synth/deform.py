@@ -21,6 +21,9 @@ import numpy as np
 
 from bids_app.synth.template import SpineTemplate
 
+#: mm of spine axis tabulated above the template (the cord continues up into the medulla)
+EXTRA_TOP = 80.0
+
 
 @dataclass(frozen=True)
 class CordParams:
@@ -54,13 +57,18 @@ class SpineGeometry:
 
     def to_template(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """World mm points (N, 3) → template coordinates (x_t, y_t, s)."""
-        q = (pts - self.origin) @ self.rotation          # = R^T (p - o)
+        q = _apply(self.rotation.T, pts - self.origin)   # = R^T (p - o)
         qz = q[:, 2]
-        s0 = np.interp(qz, self.axis_z, self.s)
-        ax = np.interp(qz, self.axis_z, self.axis_x)
-        ay = np.interp(qz, self.axis_z, self.axis_y)
-        th = np.interp(qz, self.axis_z, self.theta)
-        ls = np.interp(qz, self.axis_z, self.length_scale)
+        # one search, reused for every tabulated quantity (axis_z is increasing)
+        n = self.axis_z.size
+        k = np.clip(np.searchsorted(self.axis_z, qz) - 1, 0, n - 2)
+        z0, z1 = self.axis_z[k], self.axis_z[k + 1]
+        w = np.clip((qz - z0) / (z1 - z0), 0.0, 1.0)
+
+        def at(tab):
+            return tab[k] * (1 - w) + tab[k + 1] * w
+
+        s0, ax, ay, th, ls = at(self.s), at(self.axis_x), at(self.axis_y), at(self.theta), at(self.length_scale)
         d = q[:, 1] - ay
         yt = d * np.cos(th)
         st = s0 + d * np.sin(th) / ls
@@ -77,7 +85,7 @@ class SpineGeometry:
         az = np.interp(st, self.s, self.axis_z)
         th = np.interp(st, self.s, self.theta)
         body = np.stack([ax + xt, ay + yt * np.cos(th), az - yt * np.sin(th)], axis=-1)
-        return body @ self.rotation.T + self.origin
+        return _apply(self.rotation, body) + self.origin
 
     def cord_point(self, st: np.ndarray) -> np.ndarray:
         """World mm of the cord centre at template heights ``st``."""
@@ -86,6 +94,12 @@ class SpineGeometry:
 
     def world_z_of(self, st: float) -> float:
         return float(self.cord_point(np.array([st]))[0, 2])
+
+
+def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """``pts @ m.T`` for (N, 3) points without BLAS (which is slow for 3-wide products
+    when threads compete for a loaded CPU)."""
+    return np.stack([pts[:, 0] * m[i, 0] + pts[:, 1] * m[i, 1] + pts[:, 2] * m[i, 2] for i in range(3)], axis=1)
 
 
 def _bump(s: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -119,7 +133,7 @@ def random_geometry(rng: np.random.Generator, tpl: SpineTemplate, *, strength: f
     length (used by tests that need exact geometry).
     """
     dz = tpl.disc_z
-    s = np.arange(0.0, tpl.nz + 1.0)
+    s = np.arange(0.0, tpl.nz + EXTRA_TOP)
     if straight:
         zeros = np.zeros_like(s)
         geo_len = np.ones_like(s)
@@ -173,5 +187,5 @@ def random_cord(rng: np.random.Generator, tpl: SpineTemplate, *, strength: float
         shift_x=float(rng.normal(0, 0.5)), shift_y=float(rng.uniform(-2.0, 1.0)),
         canal_x=canal * canal_ratio, canal_y=canal / canal_ratio,
         rim=float(rng.choice([rng.uniform(0.05, 0.4), rng.uniform(0.4, 2.0)])),
-        conus_z=conus, n_roots=int(rng.integers(18, 40)),
+        conus_z=conus, n_roots=int(rng.integers(24, 48)),
     )

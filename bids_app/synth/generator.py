@@ -17,14 +17,20 @@ import numpy as np
 from scipy import ndimage
 
 from bids_app.synth import intensity as inten
-from bids_app.synth.deform import SpineGeometry, random_geometry
+from bids_app.synth.deform import EXTRA_TOP, SpineGeometry, random_geometry
 from bids_app.synth.labels import CONUS_VALUE, CORD_LABELS, LABELS
 from bids_app.synth.render import Rendered, random_body, random_roots, render
-from bids_app.synth.template import SpineTemplate, default_pam50_dir, load_pam50_template, make_phantom_template
+from bids_app.synth.template import (
+    SpineTemplate,
+    default_pam50_dir,
+    load_pam50_template,
+    make_phantom_template,
+)
 
 REGIONS = ("whole", "cervical", "thoracic", "thoracolumbar", "lumbosacral", "below_conus")
 CROP_REGIONS = ("cervical", "thoracic", "lumbosacral", "below_conus")
 SOURCES = ("phantom", "pam50")
+_CORTEX = [LABELS["vertebral_body"], LABELS["posterior_elements"], LABELS["sacrum"]]
 
 
 @dataclass
@@ -107,21 +113,12 @@ def random_acquisition(rng: np.random.Generator, contrast: str, kind: str | None
     return Acquisition(kind=kind, voxel=tuple(float(v) for v in vox), phase_axis=phase)
 
 
-def _resample_axis(arr: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
-    """Linear interpolation of ``arr`` along ``axis`` at fractional indices ``pos``."""
-    n = arr.shape[axis]
-    pos = np.clip(pos, 0, n - 1)
-    i0 = np.floor(pos).astype(int)
-    i1 = np.minimum(i0 + 1, n - 1)
-    w = (pos - i0).astype(np.float32)
-    shp = [1] * arr.ndim
-    shp[axis] = len(pos)
-    w = w.reshape(shp)
-    return np.take(arr, i0, axis=axis) * (1 - w) + np.take(arr, i1, axis=axis) * w
+def _clean_image(rng: np.random.Generator, rend: Rendered, contrast: str, spacing) -> np.ndarray:
+    """Noise-free image from the rendered labels, partial volume at cord and sac edges.
 
-
-def _clean_image(rng: np.random.Generator, rend: Rendered, contrast: str) -> np.ndarray:
-    """Noise-free image from the rendered labels, partial volume at cord and sac edges."""
+    Tissues get SynthSeg-style Gaussian intensities, a smooth multiplicative texture
+    (coarse and fine), and on T2-like contrasts sometimes CSF flow voids.
+    """
     means, stds = inten.label_means(rng, contrast)
     shape = rend.labels.shape
 
@@ -129,11 +126,23 @@ def _clean_image(rng: np.random.Generator, rend: Rendered, contrast: str) -> np.
         return means[lab] + stds[lab] * rng.standard_normal(shape, dtype=np.float32)
 
     outside = draw(rend.static)
+    texture = 1.0 + rng.uniform(0.0, 0.2) * inten.smooth_field(rng, shape, spacing, rng.uniform(4, 12))
+    texture += rng.uniform(0.0, 0.12) * inten.smooth_field(rng, shape, spacing, rng.uniform(1.2, 3))
+    outside *= texture
+    # cortical bone and endplates: a dark rim around vertebrae and sacrum
+    bone = np.isin(rend.static, _CORTEX)
+    if bone.any():
+        rim = bone & ~ndimage.binary_erosion(bone)
+        outside[rim] *= rng.uniform(0.2, 0.8)
     content = draw(rend.content)
+    if contrast in ("T2w", "T2starw") and rng.random() < 0.3:
+        voids = inten.smooth_field(rng, shape, spacing, rng.uniform(2, 6))
+        depth = rng.uniform(0.2, 0.7)
+        csf = rend.content == LABELS["csf"]
+        content[csf] *= 1.0 - depth * np.clip(voids[csf] - 1.0, 0.0, 1.0)
     wm = means[LABELS["cord"]] + stds[LABELS["cord"]] * rng.standard_normal(shape, dtype=np.float32)
     cord = wm * (1 - rend.gm) + means[LABELS["cord_gm"]] * rend.gm
     img = (1 - rend.sac_frac) * outside + rend.sac_frac * ((1 - rend.cord_frac) * content + rend.cord_frac * cord)
-    # a little texture inside tissues: smooth multiplicative field
     return img.astype(np.float32)
 
 
@@ -158,7 +167,7 @@ def _acquire(rng: np.random.Generator, img: np.ndarray, spacing, acq: Acquisitio
             n = img.shape[a]
             phase = rng.uniform(0, ratio)
             pos = np.arange(phase, n - 1e-6, ratio)
-            img = _resample_axis(img, a, pos)
+            img = inten.linear_axis(img, a, pos)
             if out_positions is not None:
                 out_positions[a] = (out_positions[a] - phase) / ratio
     img = img * inten.bias_field(rng, img.shape, rng.uniform(0.05, 0.35))
@@ -172,7 +181,7 @@ def _acquire(rng: np.random.Generator, img: np.ndarray, spacing, acq: Acquisitio
     if out_positions is not None:
         for a in range(3):
             if img.shape[a] != len(out_positions[a]) or not np.allclose(out_positions[a], np.arange(img.shape[a])):
-                img = _resample_axis(img, a, out_positions[a])
+                img = inten.linear_axis(img, a, out_positions[a])
     return img.astype(np.float32)
 
 
@@ -187,7 +196,7 @@ def _annotations(tpl: SpineTemplate, geo: SpineGeometry, affine: np.ndarray, sha
     """Centerline, conus tip, discs and per-slice vertebral levels inside the grid."""
     inv = np.linalg.inv(affine)
     conus = geo.cord.conus_z
-    s = np.arange(conus, tpl.top_z + 0.5, 1.0)
+    s = np.arange(conus, tpl.top_z + EXTRA_TOP - 5.0, 1.0)
     pts = geo.cord_point(s)
     keep = _inside(inv, shape, pts)
     centerline = pts[keep]
@@ -201,7 +210,7 @@ def _annotations(tpl: SpineTemplate, geo: SpineGeometry, affine: np.ndarray, sha
     if tip_in:
         discs.append((CONUS_VALUE, tip.copy()))
     # vertebral level per axial slice: template height of the canal axis crossing slice k
-    sa = np.arange(0.0, tpl.nz, 1.0)
+    sa = np.arange(0.0, tpl.nz + EXTRA_TOP - 5.0, 1.0)
     axis_pts = geo.cord_point(sa)
     vz = (axis_pts @ inv[:3, :3].T + inv[:3, 3])[:, 2]
     order = np.argsort(vz)
@@ -209,7 +218,8 @@ def _annotations(tpl: SpineTemplate, geo: SpineGeometry, affine: np.ndarray, sha
     s_of_k = np.interp(ks, vz[order], sa[order], left=np.nan, right=np.nan)
     levels = np.zeros(shape[2], np.int16)
     ok = np.isfinite(s_of_k)
-    levels[ok] = tpl.vertebra[np.clip(np.round(s_of_k[ok]).astype(int), 0, tpl.nz - 1)]
+    inside = ok & (s_of_k <= tpl.top_z)
+    levels[inside] = tpl.vertebra[np.clip(np.round(s_of_k[inside]).astype(int), 0, tpl.nz - 1)]
     return {"centerline_mm": centerline, "conus_tip_mm": tip if tip_in else None, "discs": discs, "levels": levels}
 
 
@@ -231,6 +241,28 @@ def _crop_height(rng: np.random.Generator, tpl: SpineTemplate, geo: SpineGeometr
     if region in ("whole", "thoracolumbar"):
         return float(rng.uniform(conus - 12, tpl.top_z - 12)), region
     raise ValueError(f"unknown region {region!r}; expected one of {REGIONS}")
+
+
+def _render_on_working_grid(rng, tpl, geo, body, roots, origin, spacing, shape, acq: Acquisition, contrast: str,
+                            blob_step: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Render at the working ``spacing`` (plus margins), simulate the acquisition ``acq``
+    (thick slices: blur/average, sample, noise) and interpolate back onto the working grid.
+
+    Returns (normalised image, labels) of ``shape``."""
+    spacing = np.asarray(spacing, float)
+    shape = np.asarray(shape, int)
+    # margins so that blurring/averaging along thick axes sees real neighbours
+    margin = np.array([int(np.ceil(0.5 * acq.voxel[a] / spacing[a])) + 2 for a in range(3)])
+    big = shape + 2 * margin
+    affine_big = np.eye(4)
+    affine_big[:3, :3] = np.diag(spacing)
+    affine_big[:3, 3] = np.asarray(origin, float) - margin * spacing
+    rend = render(tpl, geo, body, roots, affine_big, tuple(int(v) for v in big), blob_step=blob_step)
+    clean = _clean_image(rng, rend, contrast, spacing)
+    positions = [np.arange(big[a], dtype=float) for a in range(3)]
+    img = _acquire(rng, clean, spacing, acq, positions)
+    sl = tuple(slice(m, m + n) for m, n in zip(margin, shape, strict=True))
+    return inten.normalise(img[sl], rng), rend.labels[sl]
 
 
 def generate_crop(seed: int, *, patch_size=(64, 64, 48), spacing=(0.5, 0.5, 1.0), pam50_dir=None,
@@ -256,19 +288,7 @@ def generate_crop(seed: int, *, patch_size=(64, 64, 48), spacing=(0.5, 0.5, 1.0)
     offset = rng.uniform(-0.25, 0.25, 3) * shape * spacing * np.array([1, 1, 0.8])
     origin = centre + offset - (shape - 1) / 2 * spacing
     acq = random_acquisition(rng, contrast, acquisition)
-    # margins so that blurring/averaging along thick axes sees real neighbours
-    margin = np.array([int(np.ceil(acq.voxel[a] / spacing[a])) + 2 for a in range(3)])
-    big = shape + 2 * margin
-    affine_big = np.eye(4)
-    affine_big[:3, :3] = np.diag(spacing)
-    affine_big[:3, 3] = origin - margin * spacing
-    rend = render(tpl, geo, body, roots, affine_big, tuple(big))
-    clean = _clean_image(rng, rend, contrast)
-    positions = [np.arange(big[a], dtype=float) for a in range(3)]
-    img = _acquire(rng, clean, spacing, acq, positions)
-    sl = tuple(slice(m, m + n) for m, n in zip(margin, shape, strict=True))
-    img = inten.normalise(img[sl], rng)
-    labels = rend.labels[sl]
+    img, labels = _render_on_working_grid(rng, tpl, geo, body, roots, origin, spacing, shape, acq, contrast)
     affine = np.eye(4)
     affine[:3, :3] = np.diag(spacing)
     affine[:3, 3] = origin
@@ -356,38 +376,33 @@ def generate_sample(seed: int, *, source: str = "phantom", pam50_dir=None, regio
     affine_acq = np.eye(4)
     affine_acq[:3, :3] = np.diag(vox)
     affine_acq[:3, 3] = origin
-    # render at high resolution (<= 1 mm in-plane, ~1.2 mm along thick axes) then acquire
-    sub = np.maximum(np.round(vox / np.where(vox > 1.5, 1.2, 1.0)).astype(int), 1)
-    rspace = vox / sub
-    rshape = shape_acq * sub
-    raff = np.eye(4)
-    raff[:3, :3] = np.diag(rspace)
-    raff[:3, 3] = origin - (sub - 1) / 2 * rspace
-    rend = render(tpl, geo, body, roots, raff, tuple(rshape))
-    clean = _clean_image(rng, rend, contrast)
-    acq_exact = Acquisition(kind=acq.kind, voxel=tuple(float(v) for v in vox), phase_axis=acq.phase_axis)
-    img = _acquire_exact(rng, clean, sub, acq_exact)
-    if spacing is None:
+    if spacing is not None:
+        # working grid (e.g. a coarse view): render there, simulate the acquisition, come back
+        spacing = np.asarray(spacing, float)
+        shape = tuple(int(v) for v in np.maximum(np.round(shape_acq * vox / spacing).astype(int), 4))
+        w_origin = origin - vox / 2 + spacing / 2
+        img, labels = _render_on_working_grid(rng, tpl, geo, body, roots, w_origin, spacing, shape, acq, contrast,
+                                              blob_step=1)
+        cord = np.isin(labels, CORD_LABELS).astype(np.uint8)
+        affine = np.eye(4)
+        affine[:3, :3] = np.diag(spacing)
+        affine[:3, 3] = w_origin
+    else:
+        # native acquisition grid: render finer (<= 1 mm in-plane, ~1.2 mm along thick axes),
+        # then average blocks (partial volume) and add the artefacts on the acquired grid
+        sub = np.maximum(np.round(vox / np.where(vox > 1.5, 1.2, 1.0)).astype(int), 1)
+        rspace = vox / sub
+        raff = np.eye(4)
+        raff[:3, :3] = np.diag(rspace)
+        raff[:3, 3] = origin - (sub - 1) / 2 * rspace
+        rend = render(tpl, geo, body, roots, raff, tuple(shape_acq * sub), blob_step=1)
+        clean = _clean_image(rng, rend, contrast, rspace)
+        img = inten.normalise(_acquire_exact(rng, clean, sub, acq), rng)
         affine = affine_acq
         shape = tuple(int(v) for v in shape_acq)
         frac = _block_mean(np.isin(rend.labels, CORD_LABELS).astype(np.float32), sub)
         cord = (frac >= 0.5).astype(np.uint8)
         labels = _block_mode(rend.labels, sub)
-        img = inten.normalise(img, rng)
-    else:
-        spacing = np.asarray(spacing, float)
-        shape = tuple(int(v) for v in np.maximum(np.round(shape_acq * vox / spacing).astype(int), 4))
-        affine = np.eye(4)
-        affine[:3, :3] = np.diag(spacing)
-        affine[:3, 3] = origin - vox / 2 + spacing / 2
-        rend2 = render(tpl, geo, body, roots, affine, shape)
-        labels = rend2.labels
-        cord = np.isin(labels, CORD_LABELS).astype(np.uint8)
-        pos = (np.linalg.inv(affine_acq) @ affine)
-        coords = np.indices(shape, dtype=np.float32).reshape(3, -1)
-        coords = pos[:3, :3] @ coords + pos[:3, 3:4]
-        img = ndimage.map_coordinates(img, coords, order=1, mode="nearest").reshape(shape)
-        img = inten.normalise(img, rng)
     ann = _annotations(tpl, geo, affine, shape)
     return SynthSample(image=img.astype(np.float32), cord=cord, labels=labels.astype(np.uint8), affine=affine,
                        region=region, contrast=contrast,

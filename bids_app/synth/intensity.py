@@ -10,7 +10,6 @@ and wrap-around.  All functions take an explicit ``np.random.Generator``.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from bids_app.synth.labels import BACKGROUND_BLOB_FIRST, LABELS, N_BACKGROUND_BLOBS, N_LABELS
 
@@ -69,12 +68,37 @@ def label_means(rng: np.random.Generator, contrast: str) -> tuple[np.ndarray, np
     return means.astype(np.float32), stds.astype(np.float32)
 
 
+def linear_axis(arr: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``arr`` along ``axis`` at fractional indices ``pos`` (clamped)."""
+    n = arr.shape[axis]
+    pos = np.clip(np.asarray(pos, np.float64), 0, n - 1)
+    i0 = np.minimum(np.floor(pos).astype(int), max(n - 2, 0))
+    i1 = np.minimum(i0 + 1, n - 1)
+    w = (pos - i0).astype(np.float32)
+    shp = [1] * arr.ndim
+    shp[axis] = len(pos)
+    w = w.reshape(shp)
+    return np.take(arr, i0, axis=axis) * (1 - w) + np.take(arr, i1, axis=axis) * w
+
+
+def upsample(coarse: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Stretch a small lattice over ``shape`` by separable linear interpolation (fast)."""
+    out = coarse.astype(np.float32)
+    for a, n in enumerate(shape):
+        out = linear_axis(out, a, np.linspace(0, coarse.shape[a] - 1, n))
+    return out
+
+
 def bias_field(rng: np.random.Generator, shape: tuple[int, ...], strength: float) -> np.ndarray:
     """Smooth multiplicative field exp(N(0, strength)) from a 4x4x4 lattice."""
     coarse = rng.normal(0.0, strength, (4, 4, 4)).astype(np.float32)
-    idx = [np.linspace(0, 3, n, dtype=np.float32) for n in shape]
-    field = ndimage.map_coordinates(coarse, np.meshgrid(*idx, indexing="ij"), order=1, prefilter=False)
-    return np.exp(field).astype(np.float32)
+    return np.exp(upsample(coarse, shape)).astype(np.float32)
+
+
+def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], spacing, scale_mm: float) -> np.ndarray:
+    """Zero-mean, unit-std-ish smooth random field with features of about ``scale_mm``."""
+    n = [max(2, int(np.ceil(sh * sp / scale_mm)) + 1) for sh, sp in zip(shape, spacing, strict=True)]
+    return upsample(rng.standard_normal(n).astype(np.float32), shape)
 
 
 def rician_noise(rng: np.random.Generator, img: np.ndarray, sigma: float) -> np.ndarray:

@@ -24,8 +24,12 @@ import numpy as np
 from scipy import ndimage
 
 from bids_app.synth.deform import SpineGeometry
+from bids_app.synth.intensity import linear_axis
 from bids_app.synth.labels import BACKGROUND_BLOB_FIRST, LABELS, N_BACKGROUND_BLOBS
 from bids_app.synth.template import SDF_FAR, TEMPLATE_SPACING, SpineTemplate
+
+_BONY = np.array([LABELS[k] for k in ("vertebral_body", "posterior_elements", "disc_annulus", "disc_nucleus",
+                                      "sacrum", "ligament")], np.uint8)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,11 @@ class BodyParams:
     skin_ant: float
     half_width: float
     blob_scale: float         # mm, size of the background blobs
+    ligament_depth: float     # how far back the interspinous ligament reaches (mm)
+    elastic_amp: float        # mm, smooth elastic displacement of all tissues (zero on the cord axis)
+    elastic_scale: float      # mm, its wavelength
+    septa_scale: float        # mm, spacing of intramuscular fat septa
+    septa_width: float        # field-units half-width of the septa (0 = none)
     blob_seed: int
 
 
@@ -79,7 +88,10 @@ def random_body(rng: np.random.Generator) -> BodyParams:
         psoas=float(rng.uniform(0.5, 1.3)),
         skin_post=float(rng.uniform(45, 90)), fat_post=float(rng.uniform(3, 25)),
         skin_ant=float(rng.uniform(90, 230)), half_width=float(rng.uniform(70, 180)),
-        blob_scale=float(rng.uniform(8, 30)), blob_seed=int(rng.integers(2**31 - 1)),
+        blob_scale=float(rng.uniform(12, 40)), blob_seed=int(rng.integers(2**31 - 1)),
+        ligament_depth=float(rng.choice([0.0, rng.uniform(8, 40)], p=[0.4, 0.6])),
+        septa_scale=float(rng.uniform(6, 16)), septa_width=float(rng.choice([0.0, rng.uniform(0.01, 0.04)], p=[0.3, 0.7])),
+        elastic_amp=float(rng.uniform(0.0, 1.5)), elastic_scale=float(rng.uniform(6, 20)),
     )
 
 
@@ -96,35 +108,34 @@ def random_roots(rng: np.random.Generator, tpl: SpineTemplate, geo: SpineGeometr
     y = np.full((n, zs.size), np.nan, np.float32)
     exits = sorted(v for v in tpl.disc_z if 20 <= v <= 25)
     exit_z = [tpl.disc_z[v] for v in exits] + [tpl.sac_end_z + 3 * i for i in range(4)]
-    r_cord = 3.0 * np.sqrt(c.scale_x * c.scale_y)
+    # template cord radius just above the conus, scaled like the cord
+    zc_ref = tpl.conus_z + 25.0
+    r_cord = float(np.max(tpl.cord_radius[int(tpl.conus_z):int(zc_ref)], initial=3.0)) * np.sqrt(c.scale_x * c.scale_y)
     dependent = rng.uniform(0.2, 0.8)      # how much the roots settle posteriorly (supine)
     for i in range(n):
         side = 1 if i % 2 else -1
         ventral = rng.random() < 0.45
         start = rng.uniform(conus + 2, top)
         ang = rng.uniform(0.15, 0.85) * np.pi / 2 * (1 if ventral else -1)
-        sx0 = c.shift_x + side * r_cord * np.cos(ang) * c.scale_x / max(c.scale_x, 1e-3)
+        sx0 = c.shift_x + side * r_cord * np.cos(ang)
         sy0 = c.shift_y + r_cord * np.sin(ang)
         ez = float(rng.choice(exit_z)) + rng.uniform(-3, 3)
         bx = side * rng.uniform(0.1, 0.75) * 7.0 * c.canal_x
         by = (rng.uniform(-0.8, 0.2) * (1 + dependent)) * 6.0 * c.canal_y
-        for j, z in enumerate(zs):
-            if z > start or z < ez - 8:
-                continue
-            t = np.clip((start - z) / 30.0, 0, 1)
-            t = t * t * (3 - 2 * t)
-            px = sx0 + (bx - sx0) * t
-            py = sy0 + (by - sy0) * t
-            if z < ez + 15:     # swing laterally towards the foramen
-                u = np.clip((ez + 15 - z) / 20.0, 0, 1)
-                px = px + (side * 9.0 * c.canal_x - px) * u
-                py = py + (0.0 - py) * u
-            x[i, j], y[i, j] = px, py
+        t = np.clip((start - zs) / 30.0, 0, 1)
+        t = t * t * (3 - 2 * t)
+        px = sx0 + (bx - sx0) * t
+        py = sy0 + (by - sy0) * t
+        u = np.clip((ez + 15 - zs) / 20.0, 0, 1)        # swing laterally towards the foramen
+        px = px + (side * 9.0 * c.canal_x - px) * u
+        py = py * (1 - u)
+        ok = (zs <= start) & (zs >= ez - 8)
+        x[i, ok], y[i, ok] = px[ok], py[ok]
     fz = np.clip((conus - zs) / max(conus - tpl.sac_end_z, 1.0), 0, 1)
     filum_x = (c.shift_x * (1 - fz)).astype(np.float32)
     filum_y = (c.shift_y + (-2.0 * c.canal_y - c.shift_y) * fz).astype(np.float32)
     filum_x[zs > conus] = np.nan
-    return Roots(z0=float(z0), x=x, y=y, radius=rng.uniform(0.35, 0.8, size=n).astype(np.float32),
+    return Roots(z0=float(z0), x=x, y=y, radius=rng.uniform(0.45, 1.1, size=n).astype(np.float32),
                  filum_x=filum_x, filum_y=filum_y, filum_r=float(rng.uniform(0.4, 0.9)), top=float(top))
 
 
@@ -133,74 +144,144 @@ def _sample(vol: np.ndarray, origin: np.ndarray, coords: tuple, order: int, cval
     return ndimage.map_coordinates(vol, idx, order=order, mode="constant", cval=cval, prefilter=False)
 
 
-def _blobs(pts: np.ndarray, body: BodyParams) -> np.ndarray:
-    """Random background tissue ids (0..N_BACKGROUND_BLOBS-1) from two smooth random fields."""
-    step = body.blob_scale
+def _lattice_field(pts: np.ndarray, step: float, seed: int) -> np.ndarray:
+    """Smooth random field in [0, 1]: hash-seeded values on a global lattice of ``step`` mm,
+    trilinearly interpolated (the same world point always gets the same value)."""
     lo = np.floor(pts.min(axis=0) / step) - 1
-    hi = np.ceil(pts.max(axis=0) / step) + 2
-    shape = (hi - lo).astype(int) + 1
-    out = np.zeros(len(pts), np.int64)
+    shape = (np.ceil(pts.max(axis=0) / step) + 2 - lo).astype(int) + 1
+    ii = [np.arange(lo[a], lo[a] + shape[a]).astype(np.int64) for a in range(3)]
+    gi, gj, gk = np.meshgrid(*ii, indexing="ij")
+    h = (gi * 73856093) ^ (gj * 19349663) ^ (gk * 83492791) ^ seed
+    h = (h * 2654435761) % (2**32)
+    grid = (h.astype(np.float64) / 2**32).astype(np.float32)
+    idx = [(pts[:, a] / step - lo[a]) for a in range(3)]
+    return ndimage.map_coordinates(grid, idx, order=1, prefilter=False)
+
+
+def _lattice_grid(affine: np.ndarray, shape, step: float, seed: int) -> np.ndarray:
+    """:func:`_lattice_field` on a whole axis-aligned grid, by separable interpolation (fast)."""
+    axes = [affine[a, 3] + affine[a, a] * np.arange(shape[a]) for a in range(3)]
+    lo = [np.floor(min(ax[0], ax[-1]) / step) - 1 for ax in axes]
+    n = [int(np.ceil(max(ax[0], ax[-1]) / step) + 2 - lo[a]) + 1 for a, ax in enumerate(axes)]
+    ii = [np.arange(lo[a], lo[a] + n[a]).astype(np.int64) for a in range(3)]
+    gi, gj, gk = np.meshgrid(*ii, indexing="ij")
+    h = (gi * 73856093) ^ (gj * 19349663) ^ (gk * 83492791) ^ seed
+    h = (h * 2654435761) % (2**32)
+    out = (h.astype(np.float64) / 2**32).astype(np.float32)
+    for a in range(3):
+        out = linear_axis(out, a, axes[a] / step - lo[a])
+    return out.reshape(-1)
+
+
+def _separable(affine: np.ndarray) -> bool:
+    return bool(np.allclose(affine[:3, :3], np.diag(np.diag(affine[:3, :3]))))
+
+
+def _blobs(pts: np.ndarray, body: BodyParams, affine=None, shape=None) -> np.ndarray:
+    """Random background tissue ids (0..N_BACKGROUND_BLOBS-1) from two smooth random fields."""
+    out = np.zeros(len(pts) if pts is not None else int(np.prod(shape)), np.int64)
     for f in range(2):
-        # values on the global lattice depend only on the lattice position: hash-seeded
-        ii = [np.arange(lo[a], lo[a] + shape[a]).astype(np.int64) for a in range(3)]
-        gi, gj, gk = np.meshgrid(*ii, indexing="ij")
-        h = (gi * 73856093) ^ (gj * 19349663) ^ (gk * 83492791) ^ (body.blob_seed + 7919 * f)
-        h = (h * 2654435761) % (2**32)
-        grid = (h.astype(np.float64) / 2**32).astype(np.float32)
-        idx = [(pts[:, a] / step - lo[a]) for a in range(3)]
-        v = ndimage.map_coordinates(grid, idx, order=1, prefilter=False)
-        q = np.clip((v - 0.25) / 0.5 * 3, 0, 2.999).astype(np.int64)
-        out = out * 3 + q
+        step, seed = body.blob_scale * (1 + 0.5 * f), body.blob_seed + 7919 * f
+        v = _lattice_grid(affine, shape, step, seed) if pts is None else _lattice_field(pts, step, seed)
+        out = out * 3 + np.clip((v - 0.25) / 0.5 * 3, 0, 2.999).astype(np.int64)
     return out % N_BACKGROUND_BLOBS
 
 
+def _grid_points(affine: np.ndarray, shape, step: int = 1) -> np.ndarray:
+    axes = [np.arange(0, n, step, dtype=np.float64) for n in shape]
+    gi, gj, gk = np.meshgrid(*axes, indexing="ij")
+    m, t = affine[:3, :3], affine[:3, 3]
+    return np.stack([(gi * m[r, 0] + gj * m[r, 1] + gk * m[r, 2] + t[r]).reshape(-1) for r in range(3)], axis=1)
+
+
+def _body_labels(tpl: SpineTemplate, body: BodyParams, x, y, st, blob, septa=None) -> np.ndarray:
+    """Analytic body outline around the spine (template frame) with background blobs."""
+    lab = blob.astype(np.uint8) + BACKGROUND_BLOB_FIRST
+    neck = st > tpl.disc_z[8]
+    skin_ant = np.where(neck, min(body.skin_ant, 75.0), body.skin_ant)
+    skin_post = np.where(neck, min(body.skin_post, 55.0), body.skin_post)
+    muscle = np.zeros(x.shape, bool)
+    lumbar = (st < tpl.disc_z[19]) & (st > tpl.disc_z[25])
+    for sgn in (-1, 1):
+        muscle |= ((x - sgn * body.muscle_cx) / body.muscle_rx) ** 2 + ((y - body.muscle_cy) / body.muscle_ry) ** 2 <= 1
+        if body.psoas > 0:
+            muscle |= lumbar & (((x - sgn * 24 * body.psoas) / (11 * body.psoas)) ** 2
+                                + ((y - 22) / (12 * body.psoas)) ** 2 <= 1)
+    # the back muscles fill a rounded box between the laminae and the subcutaneous fat
+    inner = -skin_post + body.fat_post
+    yc, hh = 0.5 * (inner - 2.0), 0.5 * (-2.0 - inner)
+    hw = body.muscle_cx + body.muscle_rx
+    back = (np.abs(x) / hw) ** 4 + (np.abs(y - yc) / np.maximum(hh, 1.0)) ** 4 <= 1.0
+    muscle |= back
+    lab[muscle] = LABELS["paraspinal_muscle"]
+    if septa is not None:       # thin fat septa between muscle bellies
+        lab[muscle & (np.abs(septa - 0.5) < body.septa_width)] = LABELS["subcutaneous_fat"]
+    lab[back & (np.abs(x) < 1.2) & (y > -body.ligament_depth)] = LABELS["ligament"]
+    fat = (y <= -skin_post + body.fat_post) & (y > -skin_post)
+    lab[fat] = LABELS["subcutaneous_fat"]
+    air = (y <= -skin_post) | (y >= skin_ant) | (np.abs(x) > body.half_width)
+    lab[air] = LABELS["air"]
+    return lab
+
+
 def render(tpl: SpineTemplate, geo: SpineGeometry, body: BodyParams, roots: Roots,
-           affine: np.ndarray, shape: tuple[int, int, int]) -> Rendered:
-    """Render labels and partial-volume fractions on the grid (``affine``, ``shape``)."""
-    ii = np.indices(shape, dtype=np.float32).reshape(3, -1)
-    pts = (affine[:3, :3] @ ii).T + affine[:3, 3]
+           affine: np.ndarray, shape: tuple[int, int, int], blob_step: int = 2) -> Rendered:
+    """Render labels and partial-volume fractions on the grid (``affine``, ``shape``).
+
+    ``blob_step`` evaluates the (large) background blobs on every n-th voxel only (speed)."""
+    shape = tuple(int(v) for v in shape)
+    pts = _grid_points(affine, shape)
     voxel = float(np.cbrt(abs(np.linalg.det(affine[:3, :3]))))
     xt, yt, st = geo.to_template(pts)
     c = geo.cord
+    sep = _separable(affine)
+    if body.elastic_amp > 0:
+        # smooth random displacement of the template coordinates, vanishing on the cord axis
+        w = np.clip(np.hypot(xt - c.shift_x, yt - c.shift_y) / 3.0, 0.0, 1.0) * 2.0 * body.elastic_amp
+        for k, seed in ((0, body.blob_seed + 1), (1, body.blob_seed + 2)):
+            f = (_lattice_grid(affine, shape, body.elastic_scale, seed) if sep
+                 else _lattice_field(pts, body.elastic_scale, seed))
+            if k == 0:
+                xt = xt + (f - 0.5) * w
+            else:
+                yt = yt + (f - 0.5) * w
 
     static = _sample(tpl.static, tpl.static_origin, (xt, yt, st), 0, 0).astype(np.uint8)
-    # body outline where the template says nothing
     out = static == 0
     if out.any():
-        x, y = xt[out], yt[out]
-        lab = np.full(x.shape, LABELS["body_tissue"], np.uint8)
-        ext = np.clip(st[out] - tpl.disc_z[8], 0, None)           # the neck is thinner
-        skin_ant = np.where(ext > 0, np.minimum(body.skin_ant, 75.0), body.skin_ant)
-        skin_post = np.where(ext > 0, np.minimum(body.skin_post, 55.0), body.skin_post)
-        blob = _blobs(pts[out], body).astype(np.uint8) + BACKGROUND_BLOB_FIRST
-        lab = np.where(lab == LABELS["body_tissue"], blob, lab)
-        muscle = np.zeros(x.shape, bool)
-        for sgn in (-1, 1):
-            muscle |= ((x - sgn * body.muscle_cx) / body.muscle_rx) ** 2 + ((y - body.muscle_cy) / body.muscle_ry) ** 2 <= 1
-            if body.psoas > 0:
-                lumbar = (st[out] < tpl.disc_z[19]) & (st[out] > tpl.disc_z[25])
-                muscle |= lumbar & (((x - sgn * 24 * body.psoas) / (11 * body.psoas)) ** 2
-                                    + ((y - 22) / (12 * body.psoas)) ** 2 <= 1)
-        back = (y < 0) & (y > -skin_post + body.fat_post) & (np.abs(x) < body.muscle_cx + body.muscle_rx)
-        lab[back & (y < body.muscle_cy)] = LABELS["paraspinal_muscle"]
-        lab[muscle] = LABELS["paraspinal_muscle"]
-        fat = (y <= -skin_post + body.fat_post) & (y > -skin_post)
-        lab[fat] = LABELS["subcutaneous_fat"]
-        air = (y <= -skin_post) | (y >= skin_ant) | (np.abs(x) > body.half_width)
-        lab[air] = LABELS["air"]
-        static[out] = lab
+        septa = None
+        if sep:
+            blob = _blobs(None, body, affine, shape)
+            if body.septa_width > 0:
+                septa = _lattice_grid(affine, shape, body.septa_scale, body.blob_seed + 3)[out]
+        else:
+            b = int(blob_step)
+            coarse = _blobs(_grid_points(affine, shape, b), body).reshape(tuple(-(-n // b) for n in shape))
+            blob = coarse.repeat(b, 0).repeat(b, 1).repeat(b, 2)[: shape[0], : shape[1], : shape[2]].reshape(-1)
+        static[out] = _body_labels(tpl, body, xt[out], yt[out], st[out], blob[out], septa)
 
     # dural sac and cord, with independent scalings
-    sac_d = _sample(tpl.sac_sdf, tpl.sdf_origin, (xt / c.canal_x, yt / c.canal_y, st), 1, SDF_FAR)
+    # above the template's top the cord and the sac continue with their top cross-section
+    top_clamp = tpl.top_z - 2.0
+    sac_d = _sample(tpl.sac_sdf, tpl.sdf_origin, (xt / c.canal_x, yt / c.canal_y, np.minimum(st, top_clamp)), 1, SDF_FAR)
     sac_d *= np.sqrt(c.canal_x * c.canal_y)
     top, conus0 = tpl.top_z, tpl.conus_z
-    zc = top + (st - top) * (top - conus0) / max(top - c.conus_z, 1.0)
+    zc = np.minimum(top + (st - top) * (top - conus0) / max(top - c.conus_z, 1.0), top_clamp)
     enl = 1.0 + (c.lumbar_enlargement - 1.0) * np.exp(-0.5 * ((zc - conus0 - 30.0) / 25.0) ** 2)
     sx, sy = c.scale_x * enl, c.scale_y * enl
-    cord_d = _sample(tpl.cord_sdf, tpl.sdf_origin, ((xt - c.shift_x) / sx, (yt - c.shift_y) / sy, zc), 1, SDF_FAR)
-    cord_d *= np.sqrt(sx * sy)
-    gm = _sample(tpl.gm, tpl.sdf_origin, ((xt - c.shift_x) / sx, (yt - c.shift_y) / sy, zc), 1, 0).astype(np.float32) / 255.0
+    # the cord only matters inside or near the sac
+    u, v = (xt - c.shift_x) / sx, (yt - c.shift_y) / sy
+    cand = np.nonzero(u * u + v * v < 81.0)[0]         # the template cord lies within 9 mm of its axis
+    cord_d = np.full(st.shape, SDF_FAR, np.float32)
+    gm = np.zeros(st.shape, np.float32)
+    if cand.size:
+        cc = (u[cand], v[cand], zc[cand])
+        cord_d[cand] = _sample(tpl.cord_sdf, tpl.sdf_origin, cc, 1, SDF_FAR) * np.sqrt(sx[cand] * sy[cand])
+        gm[cand] = _sample(tpl.gm, tpl.sdf_origin, cc, 1, 0).astype(np.float32) / 255.0
     sac_d = np.minimum(sac_d, cord_d - c.rim)
+    # a cord larger than its canal pushes bone away: keep a thin epidural layer around the sac
+    hard = (cord_d < c.rim + 1.2) & (sac_d >= 0) & np.isin(static, _BONY)
+    static[hard] = LABELS["epidural_fat"]
     # nothing of the sac where there is no template sac at all (above the top, below S2)
     content = np.full(st.shape, LABELS["csf"], np.uint8)
     near = (sac_d < voxel) & (st < roots.top + 1) & (st > roots.z0)

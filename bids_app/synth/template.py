@@ -193,6 +193,23 @@ def _sacrum(static: np.ndarray, sac: np.ndarray, z_top: float, body_cy: float, b
             sac[:, :, k] = False
 
 
+def _fill_epidural(static: np.ndarray, sac: np.ndarray, yy: np.ndarray, sampling) -> None:
+    """Fill the bony canal around the dural sac: epidural fat (thicker dorsally), the
+    ligamentum flavum behind it, in place (computed inside the box around the canal)."""
+    si, sj = _sdf_slices()
+    box = (si, sj)
+    dist = ndimage.distance_transform_edt(~sac[box], sampling=sampling)
+    st = static[box]
+    free = (st == 0) & ~sac[box]
+    yb = yy[box] if yy.ndim == 3 else yy[box][:, :, None]
+    post = yb < -1.0
+    epi = free & ((dist < 1.5) | (post & (dist < 3.5)))
+    st[epi] = LABELS["epidural_fat"]
+    flavum = free & ~epi & post & (dist < 5.5)
+    st[flavum] = LABELS["ligament"]
+    static[box] = st
+
+
 # --------------------------------------------------------------------------- PAM50
 
 def default_pam50_dir() -> Path | None:
@@ -272,7 +289,7 @@ def _extrude_anterior(mask: np.ndarray, edge_j: int, depth_mm: np.ndarray) -> No
 
 
 #: Bump when the template construction changes (invalidates the on-disk cache).
-TEMPLATE_VERSION = "1"
+TEMPLATE_VERSION = "2"
 
 
 def cache_dir() -> Path | None:
@@ -343,6 +360,10 @@ def _build_pam50(d: Path) -> SpineTemplate:
     disc0 = _load_ras(d / "PAM50_label_disc.nii.gz")
     if not (cord0.shape == csf0.shape == spine0.shape == gm0.shape == disc0.shape) or cord0.ndim != 3:
         raise BadDataError("PAM50 files do not share one 3-D grid", path=d)
+    needed = {1, 8, 12, 20, 21}
+    have = {int(v) for v in np.unique(disc0)}
+    if not needed <= have or not cord0.any() or not csf0.any():
+        raise BadDataError(f"PAM50 disc labels lack {sorted(needed - have)} or cord/CSF are empty", path=d)
     nx0, ny0, nz0 = cord0.shape
     # canal axis: the cord's centre of mass in the middle of the template
     mid = ndimage.center_of_mass(cord0[:, :, nz0 // 4: 3 * nz0 // 4])
@@ -392,13 +413,13 @@ def _build_pam50(d: Path) -> SpineTemplate:
     static[body] = LABELS["vertebral_body"]
     static[annulus] = LABELS["disc_annulus"]
     static[nucleus] = LABELS["disc_nucleus"]
-    epi = (ndimage.distance_transform_edt(~sac, sampling=(0.5, 0.5, 0.5)) < 2.0) & ~sac & (static == 0)
-    static[epi] = LABELS["epidural_fat"]
+    _fill_epidural(static, sac, yy, (0.5, 0.5, 0.5))
 
     # resample PAM50 part to 1 mm along z, starting at the L1-L2 disc centre
     k21 = disc_k[21]
     ks_top = np.arange(k21, nz0, 2)
-    ext = _lumbar_extension(static[:, :, k21:k21 + 68], sac[:, :, k21:k21 + 68], body[:, :, k21:k21 + 68])
+    l1 = slice(k21, max(disc_k[20], k21 + 4))              # the L1 block, disc centre to disc centre
+    ext = _lumbar_extension(static[:, :, l1], sac[:, :, l1], body[:, :, l1])
     static_e, sac_e, z21, disc_ext, sac_end, body_cy = ext
     n_below = static_e.shape[2]
     static_all = np.concatenate([static_e, static[:, :, ks_top]], axis=2)
@@ -540,8 +561,7 @@ def _build_phantom() -> SpineTemplate:
                 transverse = (np.abs(yy + 1.0) < 3.0) & (np.abs(xx) < canal_rx + 18.0) & (np.abs(xx) > canal_rx)
                 post = (ring & (yy < body_cy - body_ry + 1)) | spinous | transverse
                 static[:, :, k][post & (static[:, :, k] == 0)] = LABELS["posterior_elements"]
-        epi = _ellipse(xx, yy, 0.0, -0.5, canal_rx + 1.5, canal_ry + 1.5) & (static[:, :, k] == 0)
-        static[:, :, k][epi] = LABELS["epidural_fat"]
+    _fill_epidural(static, sac, yy, TEMPLATE_SPACING)
     # sacrum and the sac's end
     _sacrum(static, sac, z_ls - 4, 6.5 + 2 + 14, (22.0, 14.0), (9.5, 7.0), sac_end)
     cord &= ~(zk[None, None, :] < conus)

@@ -72,17 +72,19 @@ def unet3d(
 
 
 def thesis_unet(input_shape: Sequence[int | None] = (None, None, None, 1)) -> keras.Model:
-    """The thesis-scale comparison network: a wider, deeper 3D U-Net (base 16, depth 4).
+    """Thesis-scale comparison network: a shallow, wide 3D U-Net (base 18, depth 2, batch norm).
 
-    The thesis reports 468,817 parameters for its network at 64x64x48 but not its exact layer
-    list; this network has the same family and a comparable size and cost (its parameter count
-    is printed by ``conus train --arch thesis`` and recorded in the bundle metadata).
+    The thesis reports 468,817 parameters for its 64x64x48 network and 7.9 s per training step
+    here, but not its layer list, and no plain U-Net variant reproduces that count exactly. This
+    network has a comparable size (430,327 parameters) and, like the thesis network, spends most
+    of its compute at full resolution; it is what "thesis" means in comparisons, and its own
+    parameter count and speed are what conus reports.
     """
-    return unet3d(input_shape, base_filters=16, depth=4, norm="batch", name="thesis_unet")
+    return unet3d(input_shape, base_filters=18, depth=2, norm="batch", name="thesis_unet")
 
 
 ARCHITECTURES = {
-    "unet3d-b8d3": lambda shape: unet3d(shape, base_filters=8, depth=3, name="unet3d_b8d3"),
+    "unet3d-b8d3": lambda shape: unet3d(shape, base_filters=8, depth=3, norm="instance", name="unet3d_b8d3"),
     "thesis": thesis_unet,
 }
 

@@ -1,0 +1,166 @@
+"""Export of a trained network as a model bundle: validation report, curves, metadata.
+
+Used by ``conus train`` and ``conus finetune`` (the only writers of ``metadata.json``). Every
+number recorded here is computed on CPU in the exporting process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bids_app.training.dataset import (
+    OUT_OF_RANGE_SEED,
+    PHANTOM_SEED,
+    REPORT_SEED,
+    VALIDATION_SEED,
+    PatchProducer,
+    SyntheticSource,
+    TaskConfig,
+    load_or_build_set,
+)
+from bids_app.training.train import MODEL_VERSION, Recipe, TrainResult, evaluate_set
+
+LOG = logging.getLogger("conus.training")
+
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> Path:
+    """Loss and Dice curves per epoch (training soft Dice, validation Dice) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=90)
+    ax1.plot(epochs, [h["loss"] for h in history], label="train loss (1-Dice+BCE)")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax2.plot(epochs, [h["soft_dice"] for h in history], label="train soft Dice")
+    ax2.plot(epochs, [h["val_dice"] for h in history], label="validation Dice")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylim(0, 1)
+    ax2.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def framework_versions() -> dict:
+    import keras
+    import numpy
+    import scipy
+    import tensorflow as tf
+
+    from bids_app import __version__
+
+    return {"conus": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
+            "keras": keras.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__}
+
+
+def hardware() -> str:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    cpu = platform.processor() or platform.machine()
+    return f"{len(gpus)} GPU" if gpus else f"CPU ({cpu}, {os.cpu_count()} cores)"
+
+
+def fixed_sets(task: TaskConfig, pam50_dir: str | None, n_per_region: int, n_out_of_range: int,
+               n_phantom: int) -> dict[str, tuple[SyntheticSource, list[int], str]]:
+    """The held-out synthetic sets reported in a bundle: (source, seeds, description) by name."""
+    sets: dict[str, tuple[SyntheticSource, list[int], str]] = {}
+    for ri, region in enumerate(task.val_regions):
+        sets[f"heldout_{region}"] = (
+            SyntheticSource(task, pam50_dir=pam50_dir, region=region, fov=False),
+            [REPORT_SEED + 10_000 * ri + i for i in range(n_per_region)],
+            f"held-out seeds {REPORT_SEED + 10_000 * ri}+, training ranges, region {region}")
+        sets[f"out_of_range_{region}"] = (
+            SyntheticSource(task, pam50_dir=pam50_dir, region=region, fov=False, strength=1.6),
+            [OUT_OF_RANGE_SEED + 10_000 * ri + i for i in range(n_out_of_range)],
+            f"held-out seeds {OUT_OF_RANGE_SEED + 10_000 * ri}+, deformation/size strength 1.6 "
+            f"(training 1.0), region {region}")
+    if task.fov_fraction > 0:
+        sets["heldout_whole_view_patches"] = (
+            SyntheticSource(task, pam50_dir=pam50_dir, fov=True),
+            [REPORT_SEED + 900_000 + i for i in range(n_per_region)],
+            "random patches of whole coarse views (often without cord)")
+    sets["phantom_fixed"] = (
+        SyntheticSource(task, pam50_dir=None, source="phantom", region="lumbosacral", fov=False),
+        [PHANTOM_SEED + i for i in range(n_phantom)],
+        "procedural phantom (no data needed), lumbosacral crops; checked by tests/test_training.py")
+    return sets
+
+
+def validation_report(model, task: TaskConfig, pam50_dir: str | None, run_dir: Path, threshold: float,
+                      normalisation: dict, n_per_region: int = 16, n_out_of_range: int = 8, n_phantom: int = 4,
+                      workers: int = 0) -> dict:
+    """Dice on every fixed held-out set (computed on CPU), for the bundle metadata."""
+    report = {}
+    for name, (source, seeds, desc) in fixed_sets(task, pam50_dir, n_per_region, n_out_of_range, n_phantom).items():
+        producer = PatchProducer(source, workers=workers)
+        try:
+            data = load_or_build_set(run_dir / f"set_{name}.npz", producer, seeds)
+        finally:
+            producer.close()
+        res = evaluate_set(model, data, normalisation, threshold, group_by="contrast")
+        entry = {"description": desc, "seeds": [int(seeds[0]), int(seeds[-1])], **res.pop("all")}
+        entry["by_contrast"] = {k: v["dice_mean"] for k, v in res.items()}
+        if name == "phantom_fixed":
+            entry["generate_crop"] = {"source": "phantom", "region": "lumbosacral", "strength": 1.0,
+                                      "patch_size": list(task.patch_size), "spacing": list(task.spacing),
+                                      "seeds": [int(s) for s in seeds]}
+        report[name] = entry
+        LOG.info("validation %s: Dice mean %s pooled %.4f (n=%d)", name,
+                 None if entry["dice_mean"] is None else round(entry["dice_mean"], 4), entry["dice_pooled"], entry["n"])
+    return report
+
+
+def export_bundle(result: TrainResult, out: Path, *, name: str, task: TaskConfig, recipe: Recipe, data: dict,
+                  validation: dict, normalisation: dict, description: str, extra_training: dict | None = None):
+    """Write the bundle (weights, metadata, model card, curves, checksums) and return it."""
+    from bids_app.bundle import write_bundle
+
+    curves = plot_curves(result.history, result.run_dir / "training_curves.png", f"{name}: {task.task}")
+    metadata = {
+        "name": name,
+        "version": MODEL_VERSION,
+        "task": task.task,
+        "description": description,
+        "architecture": recipe.arch,
+        "parameters": int(result.model.count_params()),
+        "spacing": list(task.spacing),
+        "patch_size": list(task.patch_size),
+        "normalisation": normalisation,
+        "threshold": recipe.threshold,
+        "output": "sigmoid cord probability, one channel",
+        "trained_flips": list(task.flip_axes),
+        "training": {
+            "argv": list(result.state.get("argv", [])),
+            "resumed_argv": result.state.get("resumed_argv", []),
+            "seed": recipe.stream.seed,
+            "steps": result.steps,
+            "epochs": result.epochs,
+            "best_epoch": result.best_epoch,
+            "seconds": round(result.seconds, 1),
+            "hardware": hardware(),
+            "recipe": recipe.as_dict(),
+            "task": task.as_dict(),
+            "data": data,
+            "validation_seeds": f"monitored each epoch: {VALIDATION_SEED}+ (disjoint from training seeds < {VALIDATION_SEED})",
+            **(extra_training or {}),
+        },
+        "framework": framework_versions(),
+        "validation": validation,
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    return write_bundle(out, result.model, metadata, {"training_curves.png": curves})
+
+

@@ -1,0 +1,204 @@
+"""Training, resuming, fine-tuning presets and the shipped bundles' recorded phantom Dice."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from bids_app import registry
+from bids_app.errors import UsageError
+from bids_app.training.dataset import (
+    VALIDATION_SEED,
+    ArraySource,
+    PatchProducer,
+    StreamConfig,
+    TaskConfig,
+    build_set,
+    epoch_samples,
+    epoch_seeds,
+    grid_patches,
+)
+from bids_app.training.finetune import PRESETS, main_finetune
+from bids_app.training.networks import CONTRACTION_PREFIXES, is_contraction_layer, unet3d
+from bids_app.training.train import Recipe, apply_freeze, compile_model, configure_tensorflow, run_training
+
+PATCH = (16, 16, 16)
+
+
+def tube_phantom(shape=(24, 28, 40), radius=3.0, seed=0):
+    """A bright tube along z with a random lateral position and a tapered lower end, on noise."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    cx, cy = shape[0] / 2 + rng.uniform(-3, 3), shape[1] / 2 + rng.uniform(-3, 3)
+    taper = np.clip((z - 6) / 8.0, 0, 1)  # the tube narrows to nothing at its inferior end
+    mask = ((x - cx) ** 2 + (y - cy) ** 2 <= (radius * taper) ** 2).astype(np.uint8)
+    image = 100 + 8 * rng.standard_normal(shape) + 60 * mask
+    return image.astype(np.float32), mask
+
+
+def _source(seeds=(0, 1)):
+    vols = [tube_phantom(seed=s) for s in seeds]
+    return ArraySource([v[0] for v in vols], [v[1] for v in vols], PATCH)
+
+
+TASK = TaskConfig(task="segmentation", spacing=(1.0, 1.0, 1.0), patch_size=PATCH)
+
+
+def _recipe(epochs, **over):
+    stream = StreamConfig(batch_size=2, steps_per_epoch=6, reuse=2, chunk=4, seed=3)
+    return replace(Recipe(lr=3e-3, epochs=epochs, threads=1, workers=0, plateau_patience=100, stream=stream), **over)
+
+
+@pytest.fixture(scope="module")
+def val_set():
+    return build_set(PatchProducer(_source(seeds=(7,)), workers=0), range(VALIDATION_SEED, VALIDATION_SEED + 4))
+
+
+def test_stream_is_deterministic_and_disjoint_from_validation():
+    stream = StreamConfig(batch_size=2, steps_per_epoch=3, reuse=2, chunk=2, seed=1)
+    producer = PatchProducer(_source(), workers=0)
+    a = [x for x, _ in epoch_samples(producer, stream, 4, (0, 1, 2), None)]
+    b = [x for x, _ in epoch_samples(producer, stream, 4, (0, 1, 2), None)]
+    assert len(a) == stream.samples_per_epoch == 6
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(u, v)
+    assert not set(epoch_seeds(stream, 4)) & set(epoch_seeds(stream, 5))
+    assert max(epoch_seeds(stream, 10_000)) < VALIDATION_SEED
+
+
+def test_grid_patches_cover_the_cord():
+    image, mask = tube_phantom()
+    patches = grid_patches(image, mask, PATCH, overlap=3)
+    assert patches and all(p[0].shape == PATCH for p in patches)
+    assert sum(int(m.sum()) for _, m in patches) >= int(mask.sum())
+
+
+def test_training_steps_reduce_the_loss_and_resume(tmp_path, val_set):
+    configure_tensorflow(1, 0)
+    model = unet3d(base_filters=4, depth=2, norm="instance")
+    result = run_training(model, _recipe(3), PatchProducer(_source(), workers=0), TASK, val_set, tmp_path / "run",
+                          progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert result.steps == 18 and (tmp_path / "run" / "checkpoint.keras").is_file()
+    with pytest.raises(UsageError, match="--resume"):
+        run_training(unet3d(base_filters=4, depth=2), _recipe(4), PatchProducer(_source(), workers=0), TASK, val_set,
+                     tmp_path / "run", progress=False)
+    resumed = run_training(unet3d(base_filters=4, depth=2), _recipe(4), PatchProducer(_source(), workers=0), TASK,
+                           val_set, tmp_path / "run", resume=True, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3] and resumed.steps == 24
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 4 and json.loads(log[-1])["epoch"] == 3
+
+
+def test_thesis_preset_matches_the_protocol():
+    p = PRESETS["thesis"]
+    assert p.freeze_prefixes == CONTRACTION_PREFIXES == ("enc", "bottleneck")
+    assert (p.lr, p.batch_size, p.flip_axes, p.patch_overlap) == (1e-5, 5, (0, 1, 2), 3)
+    assert (p.plateau_factor, p.plateau_patience, p.keep_best) == (0.5, 10, True)
+
+
+def test_freezing_the_contraction_path(val_set):
+    configure_tensorflow(1, 0)
+    model = unet3d(base_filters=2, depth=2)
+    frozen = apply_freeze(model, PRESETS["thesis"].freeze_prefixes)
+    compile_model(model, 1e-2)
+    assert frozen and all(is_contraction_layer(n) for n in frozen)
+    for layer in model.layers:
+        assert layer.trainable == (not is_contraction_layer(layer.name)), layer.name
+    trainable = {id(w) for w in model.trainable_weights}
+    enc_weights = [w for layer in model.layers if is_contraction_layer(layer.name) for w in layer.weights]
+    assert enc_weights and not any(id(w) in trainable for w in enc_weights)
+    before = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in model.layers}
+    x = val_set["image"][:2, ..., None]
+    y = val_set["mask"][:2, ..., None].astype(np.float32)
+    for _ in range(3):
+        model.train_on_batch((x - x.mean()) / x.std(), y)
+    changed = {layer.name for layer in model.layers
+               if any(not np.array_equal(a, np.array(b)) for a, b in zip(before[layer.name], layer.get_weights(),
+                                                                          strict=True))}
+    assert changed, "nothing trained"
+    assert all(not is_contraction_layer(n) for n in changed)
+    assert any(n.startswith("dec") for n in changed)
+
+
+def test_finetune_on_a_bids_dataset(tmp_path):
+    from bids_app.bundle import load_bundle, write_bundle
+    from tests.fixtures import simple_dataset
+
+    bids = simple_dataset(tmp_path / "bids", subjects=("01", "02", "03", "04"))
+    configure_tensorflow(1, 0)
+    base_model = unet3d(base_filters=2, depth=1, name="tiny")
+    meta = {"name": "tiny-base", "version": "0", "task": "segmentation", "architecture": "unet3d-tiny",
+            "spacing": [1.0, 1.0, 1.5], "patch_size": [8, 8, 8],
+            "normalisation": {"method": "percentile_zscore", "percentiles": [0.5, 99.5], "scope": "patch"},
+            "threshold": 0.5}
+    base = write_bundle(tmp_path / "base", base_model, meta)
+    args = argparse.Namespace(from_model=str(base.path), data=bids, preset="thesis", out=tmp_path / "tuned",
+                              name=None, steps=2, epochs=2, batch_size=None, lr=None, max_minutes=None,
+                              resume=False, run_dir=tmp_path / "ft-run", threads=1, seed=0,
+                              argv=["conus", "finetune", "--from", str(base.path)])
+    assert main_finetune(args) == 0
+    tuned = load_bundle(tmp_path / "tuned")
+    tr = tuned.metadata["training"]
+    assert tr["preset"] == "thesis" and tr["from_bundle"]["sha256"] == base.sha256
+    assert tr["argv"][:2] == ["conus", "finetune"] and tr["recipe"]["lr"] == 1e-5
+    assert tr["recipe"]["stream"]["batch_size"] == 5
+    val = tuned.metadata["validation"]["validation_subjects"]
+    assert set(val["before"]["per_run"]) == set(val["after"]["per_run"])
+    assert not set(tr["data"]["train_subjects"]) & set(tr["data"]["validation_subjects"])
+    # the frozen contraction path is bit-identical to the base model's
+    base_net, tuned_net = base.load_model(), tuned.load_model()
+    for layer in base_net.layers:
+        same = all(np.array_equal(a, b) for a, b in zip(layer.get_weights(),
+                                                        tuned_net.get_layer(layer.name).get_weights(), strict=True))
+        if is_contraction_layer(layer.name):
+            assert same, layer.name
+
+
+@pytest.mark.parametrize("name", registry.bundle_names())
+def test_shipped_bundle_reproduces_its_recorded_phantom_dice(name):
+    """Inference of a shipped bundle on its fixed phantom set gives the Dice in its metadata (± 0.01)."""
+    from bids_app.bundle import load_bundle
+    from bids_app.metrics import dice
+    from bids_app.synth import generate_crop
+
+    b = load_bundle(name)
+    record = b.metadata["validation"]["phantom_fixed"]
+    kwargs = dict(record["generate_crop"])
+    seeds = kwargs.pop("seeds")
+    predict = b.predict_fn()
+    scores = []
+    for seed in seeds:
+        s = generate_crop(seed, patch_size=tuple(kwargs["patch_size"]), spacing=tuple(kwargs["spacing"]),
+                          source=kwargs["source"], region=kwargs["region"], strength=kwargs["strength"],
+                          contrast=kwargs.get("contrast"), pam50_dir=None)
+        if s.cord.any():
+            prob = predict(s.image[None, ..., None].astype(np.float32))[0, ..., 0]
+            scores.append(dice(prob >= b.threshold, s.cord > 0))
+    assert scores
+    assert float(np.mean(scores)) == pytest.approx(record["dice_mean"], abs=0.01)
+
+
+def test_labelled_bids_sources_split_by_subject(tmp_path):
+    from bids_app.training.finetune import labelled_bids_sources, load_labelled_bids
+    from tests.fixtures import simple_dataset
+
+    bids = simple_dataset(tmp_path / "bids", subjects=("01", "02", "03", "04"), header="psr")
+    task = TaskConfig(task="segmentation", spacing=(1.0, 1.0, 1.0), patch_size=PATCH)
+    volumes = load_labelled_bids(bids, task.spacing)
+    assert len(volumes) == 4
+    for v in volumes:  # RAS working grid at the model spacing: the sagittal PSR tube now runs along z
+        assert v.image.shape == v.mask.shape and v.mask.any()
+        zs = np.nonzero(v.mask.any(axis=(0, 1)))[0]
+        assert zs.max() - zs.min() + 1 > 0.8 * v.mask.shape[2]
+    source, val_source, desc = labelled_bids_sources(bids, task, seed=0)
+    assert not set(desc["train_subjects"]) & set(desc["validation_subjects"])
+    assert len(desc["train_subjects"]) == 3 and len(desc["validation_subjects"]) == 1
+    image, mask, _ = source(5)
+    assert image.shape == PATCH and mask.shape == PATCH
+    assert val_source.n_patches >= 1 and any(val_source(i)[1].any() for i in range(val_source.n_patches))
