@@ -8,7 +8,7 @@
 # Run (read-only root filesystem; /tmp is the only writable place besides the output folder):
 #   docker run --rm --read-only --tmpfs /tmp -v "$PWD/bids:/data:ro" -v "$PWD/out:/out" \
 #       "conus:$V" /data /out participant
-# See docs/container.md for Apptainer, SLURM and BABS.
+# See the README (Containers and clusters) for Apptainer, SLURM and BABS.
 
 # Base image pinned by digest (python 3.11, Debian bookworm, slim). The digest is the multi-arch
 # index digest of python:3.11.14-slim-bookworm as pinned by several public projects; it was NOT
