@@ -182,7 +182,9 @@ def segment_image(
         mask_work = reo.to_working(postprocess.binarise(prob_native, models.segmentation.threshold))
         mask_work = postprocess.keep_cord_components(mask_work, spacing)
         mask_work = postprocess.fill_holes_axial(mask_work)
-        if centre.conus_tip_mm is not None:
+        # a user's centerline file ends wherever the user stopped drawing, not at a detected
+        # conus: trimming below it would undo the crop extension (the model decides the end)
+        if centre.conus_tip_mm is not None and centre.source != "file":
             tip_vox = apply_affine(np.linalg.inv(waff), centre.conus_tip_mm)
             mask_work = postprocess.trim_below(mask_work, tip_vox, spacing, margin_mm=options.trim_margin_mm)
         seconds["postprocess"] = time.perf_counter() - t

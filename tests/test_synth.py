@@ -263,7 +263,7 @@ def test_pam50_loader_on_a_miniature_template(mini_pam50):
         if s.cord.any():
             _assert_cord_in_sac(s)
         _assert_no_cord_below_conus(s)
-    w = generate_sample(1, source="pam50", pam50_dir=mini_pam50, region="whole", acquisition="iso")
+    w = generate_sample(1, source="pam50", pam50_dir=mini_pam50, region="whole", acquisition="iso", spacing=(2.0, 2.0, 2.0))
     assert w.meta["source"] == "pam50" and w.conus_tip_mm is not None
 
 
@@ -292,7 +292,17 @@ def test_reorient_sample_round_trip():
         np.testing.assert_allclose(back.affine, aff, atol=1e-9)
 
 
-def test_write_synthetic_bids(tmp_path):
+@pytest.fixture()
+def fast_samples(monkeypatch):
+    """The writer's logic does not depend on the grid: write 1.5 mm views to keep tests fast."""
+    import functools
+
+    import bids_app.synth.bids_writer as bw
+
+    monkeypatch.setattr(bw, "generate_sample", functools.partial(generate_sample, spacing=(1.5, 1.5, 1.5)))
+
+
+def test_write_synthetic_bids(tmp_path, fast_samples):
     out = tmp_path / "bids"
     paths = write_synthetic_bids(out, n=2, seed=3, region="lumbosacral")
     assert len(paths) == 2 and all(p.is_file() for p in paths)
@@ -337,7 +347,7 @@ def test_write_synthetic_bids(tmp_path):
     np.testing.assert_array_equal(a.affine, b.affine)
 
 
-def test_main_synth_and_usage_errors(tmp_path):
+def test_main_synth_and_usage_errors(tmp_path, fast_samples):
     args = Namespace(out_dir=tmp_path / "o", n=1, seed=0, pam50=None, region="cervical", contrast="T1w")
     assert main_synth(args) == 0
     assert list((tmp_path / "o").glob("sub-*/anat/sub-*_T1w.nii.gz"))
