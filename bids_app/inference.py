@@ -7,7 +7,11 @@ comes from the model bundles; nothing here is tuned to a particular model.
 Steps:
 1. reorient to RAS (permute/flip only, exact);
 2. centerline: ``auto`` (coarse heatmap model + global fit), ``reference`` (from the reference
-   mask) or ``file`` (a user's mask or points);
+   mask) or ``file`` (a user's mask or points). In ``auto`` mode a small image (at most
+   ``whole_image_windows`` segmentation windows) is segmented whole and the centerline is fitted
+   to those probabilities (more accurate than the coarse model on small fields of view, for
+   about the cost of the crop); a large image whose coarse heatmap shows no cord is also
+   segmented whole, within ``fallback_windows``, with a warning;
 3. crop box on the segmentation grid around the centerline, extended ``crop_extension_mm``
    beyond both ends along their last direction, so that the segmentation model — not the
    centerline — decides where the cord ends (the thesis's finding about deepseg);
@@ -36,7 +40,7 @@ from bids_app.geometry import (
     resample_to_grid,
 )
 from bids_app.image_io import LoadedImage
-from bids_app.segment import sliding_window_predict
+from bids_app.segment import overlap_voxels, sliding_window_predict, window_starts
 
 CENTERLINE_MODES = ("auto", "reference", "file")
 
@@ -53,6 +57,11 @@ class InferenceOptions:
     tta: bool = False
     crop_extension_mm: float = 30.0
     trim_margin_mm: float = 10.0
+    # auto mode: images needing at most this many segmentation windows are segmented whole
+    # (the crop would cover most of them anyway); larger ones use the coarse centerline model
+    # and fall back to the whole image, within ``fallback_windows``, when it finds no cord
+    whole_image_windows: int = 64
+    fallback_windows: int = 400
 
 
 @dataclass
@@ -105,11 +114,32 @@ class Models:
         return out
 
 
-def _auto_centerline(work: np.ndarray, waff: np.ndarray, models: Models, overlap: float) -> cl.Centerline:
+def count_windows(shape, patch_size, overlap) -> int:
+    """Number of sliding windows needed to cover ``shape`` (pure arithmetic, no prediction)."""
+    ov = overlap_voxels(overlap, patch_size)
+    n = 1
+    for length, patch, o in zip(shape, patch_size, ov, strict=True):
+        n *= len(window_starts(max(int(length), int(patch)), int(patch), o))
+    return n
+
+
+def _coarse_centerline(work: np.ndarray, waff: np.ndarray, models: Models, overlap: float) -> cl.Centerline:
+    """The coarse heatmap model over the whole field of view, then the global curve fit."""
     bundle = models.centerline
     coarse, caff = resample(work, waff, bundle.spacing, order=1)
     heat = sliding_window_predict(coarse, models.predict_fn("centerline"), bundle.patch_size, overlap)
     return cl.fit_centerline(heat, caff, bundle.spacing)
+
+
+def _whole_image_segmentation(work, waff, models: Models, options: InferenceOptions):
+    """The segmentation model over the whole image; returns (probabilities on the working grid,
+    centerline fitted to them)."""
+    bundle = models.segmentation
+    fine, faff = resample(work, waff, bundle.spacing, order=1)
+    prob = sliding_window_predict(fine, models.predict_fn("segmentation"), bundle.patch_size,
+                                  options.overlap, options.tta)
+    centre = cl.fit_centerline(prob, faff, bundle.spacing)
+    return resample_to_grid(prob, faff, work.shape, waff, order=1, cval=0.0), centre
 
 
 def _crop_affine(affine: np.ndarray, box: CropBox) -> np.ndarray:
@@ -134,16 +164,28 @@ def _segment_crop(work, waff, centre: cl.Centerline, models: Models, options: In
     return resample_to_grid(prob, caff, work.shape, waff, order=1, cval=0.0)
 
 
-def _working_centerline(loaded, reo, work, waff, options, models, reference) -> cl.Centerline:
+def _working_centerline(loaded, reo, work, waff, options, models, reference, warnings):
+    """The centerline, and the working-grid probabilities when the whole image was segmented."""
     if options.centerline_mode == "reference":
         if reference is None:
             from bids_app.errors import InputMissingError
 
             raise InputMissingError("--centerline reference needs a reference mask", path=loaded.path)
-        return cl.centerline_from_mask(reo.to_working(reference.data), waff)
+        return cl.centerline_from_mask(reo.to_working(reference.data), waff), None
     if options.centerline_mode == "file":
-        return cl.centerline_from_file(options.centerline_file, work.shape, waff)
-    return _auto_centerline(work, waff, models, options.overlap)
+        return cl.centerline_from_file(options.centerline_file, work.shape, waff), None
+    fine_shape, _ = grid_for_spacing(work.shape, waff, models.segmentation.spacing)
+    windows = count_windows(fine_shape, models.segmentation.patch_size, options.overlap)
+    if windows <= options.whole_image_windows:
+        prob, centre = _whole_image_segmentation(work, waff, models, options)
+        return centre, prob
+    centre = _coarse_centerline(work, waff, models, options.overlap)
+    if not centre.found and windows <= options.fallback_windows:
+        warnings.append("the coarse centerline model found no cord; the segmentation model was run "
+                        f"over the whole image ({windows} windows)")
+        prob, centre = _whole_image_segmentation(work, waff, models, options)
+        return centre, prob
+    return centre, None
 
 
 def segment_image(
@@ -165,16 +207,17 @@ def segment_image(
     waff = reo.working_affine
     spacing = reo.working_spacing
 
+    warnings: list[str] = list(loaded.warnings)
     t = time.perf_counter()
-    centre = _working_centerline(loaded, reo, work, waff, options, models, reference)
+    centre, prob_work = _working_centerline(loaded, reo, work, waff, options, models, reference, warnings)
     seconds["centerline"] = time.perf_counter() - t
 
     prob_native = None
     mask_work = np.zeros(work.shape, dtype=np.uint8)
-    warnings: list[str] = list(loaded.warnings)
     if centre.found:
         t = time.perf_counter()
-        prob_work = _segment_crop(work, waff, centre, models, options)
+        if prob_work is None:
+            prob_work = _segment_crop(work, waff, centre, models, options)
         seconds["segmentation"] = time.perf_counter() - t
         t = time.perf_counter()
         prob_native = reo.to_native(prob_work)
