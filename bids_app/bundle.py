@@ -210,15 +210,21 @@ def render_model_card(metadata: Mapping) -> str:
         "## Validation (Dice at the bundle threshold, computed on CPU)",
         "",
     ]
+    table = [(k, v) for k, v in metadata.get("validation", {}).items() if isinstance(v, Mapping) and "n" in v]
+    if table:
+        lines += ["| set | patches (with cord) | Dice mean | median | min | pooled | by contrast |",
+                  "|---|---|---|---|---|---|---|"]
+        for set_name, r in table:
+            contrast = ", ".join(f"{c} {_fmt(d)}" for c, d in (r.get("by_contrast") or {}).items())
+            lines.append(f"| {set_name} | {r.get('n')} ({r.get('n_with_cord')}) | {_fmt(r.get('dice_mean'))} | "
+                         f"{_fmt(r.get('dice_median'))} | {_fmt(r.get('dice_min'))} | {_fmt(r.get('dice_pooled'))} "
+                         f"| {contrast} |")
+        lines += ["", "Sets:", ""]
+        lines += [f"- {k}: {v.get('description', '')}" for k, v in table]
     for set_name, result in metadata.get("validation", {}).items():
-        if isinstance(result, Mapping):
-            desc = result.get("description", "")
-            lines.append(f"- **{set_name}**{': ' + desc if desc else ''}")
-            for key, value in result.items():
-                if key != "description":
-                    lines.append(f"  - {key}: {_fmt(value) if not isinstance(value, Mapping) else json.dumps(value)}")
-        else:
-            lines.append(f"- {set_name}: {_fmt(result)}")
+        if (set_name, result) in table:
+            continue
+        lines.append(f"- {set_name}: {json.dumps(result, default=str) if isinstance(result, Mapping) else _fmt(result)}")
     lines += ["", "## Limits", "", str(metadata.get("limits", "Trained on synthetic images only; "
               "check results on your data (QC pictures) before relying on them.")), ""]
     return "\n".join(lines)
@@ -242,6 +248,7 @@ def write_bundle(out_dir: str | os.PathLike, model, metadata: dict, extra_files:
         raise BundleError(f"metadata lacks {', '.join(missing)}", path=out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is read by other users (container)
     try:
         _save_weights_only(model, tmp / WEIGHTS_NAME)
         for name, src in extra.items():

@@ -332,6 +332,23 @@ def _init_worker(threads: int, verbosity: int) -> None:
     configure_logging(verbosity)
 
 
+def use_work_dir(work_dir: Path | None) -> None:
+    """Send temporary files (Python's tempfile, and through TMPDIR those of worker processes and
+    libraries) to ``--work-dir``; conus keeps no other intermediate files."""
+    if work_dir is None:
+        return
+    try:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from bids_app.errors import CannotCreateOutputError
+
+        raise CannotCreateOutputError(f"cannot create the work folder: {exc}", path=work_dir) from exc
+    import tempfile
+
+    os.environ["TMPDIR"] = str(work_dir)
+    tempfile.tempdir = str(work_dir)
+
+
 def _progress(total: int, quiet: bool):
     from tqdm import tqdm
 
@@ -349,6 +366,7 @@ def run_participant_level(cfg: ParticipantConfig, segment_fn: SegmentFn | None =
     """
     started = time.perf_counter()
     runs = list(find_runs(cfg) if runs is None else runs)
+    use_work_dir(cfg.work_dir)
     write_dataset_files(cfg.output_dir, cfg.bids_dir)
     segment_fn = segment_fn or default_segment_fn()
     model = model_identity(cfg, segment_fn)

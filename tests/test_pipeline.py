@@ -175,3 +175,15 @@ def test_inference_options_from_config(tmp_path):
     options = pipeline.inference_options(cfg.with_changes(centerline_file=tmp_path / "c.tsv"))
     assert options.centerline_mode == "file" and options.centerline_file == tmp_path / "c.tsv"
     assert pipeline.default_segment_fn() is pipeline.shipped_segmenter
+
+
+def test_work_dir_receives_temporary_files(bids_two, tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    monkeypatch.setenv("TMPDIR", os.environ.get("TMPDIR", "/tmp"))
+    work = tmp_path / "work" / "nested"
+    summary = pipeline.run_participant_level(_cfg(bids_two, tmp_path / "out", work_dir=work), threshold_segmenter)
+    assert summary.exit_code == 0 and work.is_dir()
+    assert tempfile.gettempdir() == str(work) and os.environ["TMPDIR"] == str(work)
