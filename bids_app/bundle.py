@@ -288,6 +288,6 @@ def _save_weights_only(model, path: Path) -> None:
     """Save ``model`` without optimizer or compile state (smaller, loads with compile=False)."""
     import keras
 
-    clone = keras.models.clone_model(model)
+    clone = keras.Model.from_config(model.get_config())  # a fresh, uncompiled copy (no optimizer state)
     clone.set_weights(model.get_weights())
     clone.save(path)

@@ -17,7 +17,7 @@ Steps:
    centerline — decides where the cord ends (the thesis's finding about deepseg);
 4. sliding-window probabilities on the crop, resampled back onto the native grid;
 5. threshold (bundle), keep the cord's components, fill axial holes, trim what lies more than
-   ``trim_margin_mm`` below the centerline's conus tip.
+   ``trim_margin_mm`` below the conus tip found in the segmentation probabilities themselves.
 """
 
 from __future__ import annotations
@@ -185,6 +185,9 @@ def _working_centerline(loaded, reo, work, waff, options, models, reference, war
                         f"over the whole image ({windows} windows)")
         prob, centre = _whole_image_segmentation(work, waff, models, options)
         return centre, prob
+    if not centre.found:
+        warnings.append(f"the coarse centerline model found no cord, and the image is too large "
+                        f"({windows} windows > {options.fallback_windows}) to segment whole")
     return centre, None
 
 
@@ -225,10 +228,12 @@ def segment_image(
         mask_work = reo.to_working(postprocess.binarise(prob_native, models.segmentation.threshold))
         mask_work = postprocess.keep_cord_components(mask_work, spacing)
         mask_work = postprocess.fill_holes_axial(mask_work)
-        # a user's centerline file ends wherever the user stopped drawing, not at a detected
-        # conus: trimming below it would undo the crop extension (the model decides the end)
-        if centre.conus_tip_mm is not None and centre.source != "file":
-            tip_vox = apply_affine(np.linalg.inv(waff), centre.conus_tip_mm)
+        # trim below the conus tip detected in the segmentation's own probabilities (not the
+        # centerline's end, which may stop short: the model decides where the cord ends); the
+        # tip is where the cord evidence along the fitted curve falls to half its local level
+        seg_centre = cl.fit_centerline(prob_work, waff, spacing)
+        if seg_centre.found and seg_centre.conus_tip_mm is not None:
+            tip_vox = apply_affine(np.linalg.inv(waff), seg_centre.conus_tip_mm)
             mask_work = postprocess.trim_below(mask_work, tip_vox, spacing, margin_mm=options.trim_margin_mm)
         seconds["postprocess"] = time.perf_counter() - t
     else:

@@ -12,6 +12,8 @@ import platform
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
 from bids_app.training.dataset import (
     OUT_OF_RANGE_SEED,
     PHANTOM_SEED,
@@ -25,6 +27,7 @@ from bids_app.training.dataset import (
 from bids_app.training.train import MODEL_VERSION, Recipe, TrainResult, evaluate_set
 
 LOG = logging.getLogger("conus.training")
+PHANTOM_FILE = "phantom_fixed.npz"
 
 
 
@@ -110,6 +113,12 @@ def validation_report(model, task: TaskConfig, pam50_dir: str | None, run_dir: P
             data = load_or_build_set(run_dir / f"set_{name}.npz", producer, seeds)
         finally:
             producer.close()
+        if name == "phantom_fixed":
+            # shipped inside the bundle (float16 to stay small) so that a test can re-run inference
+            # on exactly these crops, whatever later changes the synthetic engine goes through
+            data["image"] = data["image"].astype(np.float16).astype(np.float32)
+            np.savez_compressed(run_dir / PHANTOM_FILE, image=data["image"].astype(np.float16),
+                                mask=data["mask"].astype(np.uint8), seed=np.asarray(seeds))
         res = evaluate_set(model, data, normalisation, threshold, group_by="contrast")
         entry = {"description": desc, "seeds": [int(seeds[0]), int(seeds[-1])], **res.pop("all")}
         entry["by_contrast"] = {k: v["dice_mean"] for k, v in res.items()}
@@ -117,6 +126,7 @@ def validation_report(model, task: TaskConfig, pam50_dir: str | None, run_dir: P
             entry["generate_crop"] = {"source": "phantom", "region": "lumbosacral", "strength": 1.0,
                                       "patch_size": list(task.patch_size), "spacing": list(task.spacing),
                                       "seeds": [int(s) for s in seeds]}
+            entry["file"] = PHANTOM_FILE
         report[name] = entry
         LOG.info("validation %s: Dice mean %s pooled %.4f (n=%d)", name,
                  None if entry["dice_mean"] is None else round(entry["dice_mean"], 4), entry["dice_pooled"], entry["n"])
@@ -161,6 +171,9 @@ def export_bundle(result: TrainResult, out: Path, *, name: str, task: TaskConfig
         "validation": validation,
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    return write_bundle(out, result.model, metadata, {"training_curves.png": curves})
+    extra = {"training_curves.png": curves}
+    if "phantom_fixed" in validation and (result.run_dir / PHANTOM_FILE).is_file():
+        extra[PHANTOM_FILE] = result.run_dir / PHANTOM_FILE
+    return write_bundle(out, result.model, metadata, extra)
 
 
