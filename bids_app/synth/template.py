@@ -293,9 +293,11 @@ TEMPLATE_VERSION = "2"
 
 
 def cache_dir() -> Path | None:
-    """Folder for built templates: ``$CONUS_CACHE_DIR`` or ``~/.cache/conus``; None if unusable."""
+    """Folder for built templates: ``$CONUS_CACHE_DIR``, ``$XDG_CACHE_HOME/conus`` or ``~/.cache/conus``;
+    None if unusable."""
     d = os.environ.get("CONUS_CACHE_DIR")
-    path = Path(d) if d else Path.home() / ".cache" / "conus"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    path = Path(d) if d else (Path(xdg) if xdg else Path.home() / ".cache") / "conus"
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError:
