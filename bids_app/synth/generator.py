@@ -146,6 +146,19 @@ def _clean_image(rng: np.random.Generator, rend: Rendered, contrast: str, spacin
     return img.astype(np.float32)
 
 
+def _scanner_artefacts(rng: np.random.Generator, img: np.ndarray, phase_axis: int, max_noise: float) -> np.ndarray:
+    """Bias field, then (sometimes) ghosting, motion and wrap-around along the phase axis, then
+    Rician noise up to ``max_noise``; the random draws keep this order (determinism per seed)."""
+    img = img * inten.bias_field(rng, img.shape, rng.uniform(0.05, 0.35))
+    if rng.random() < 0.15:
+        img = inten.ghosting(rng, img, phase_axis)
+    if rng.random() < 0.1:
+        img = inten.motion(rng, img, phase_axis)
+    if rng.random() < 0.1:
+        img = inten.wrap_around(rng, img, phase_axis)
+    return inten.rician_noise(rng, img, rng.uniform(0.005, max_noise))
+
+
 def _acquire(rng: np.random.Generator, img: np.ndarray, spacing, acq: Acquisition,
              out_positions: list[np.ndarray] | None) -> np.ndarray:
     """Simulate the acquisition of a clean image rendered at ``spacing``.
@@ -170,14 +183,7 @@ def _acquire(rng: np.random.Generator, img: np.ndarray, spacing, acq: Acquisitio
             img = inten.linear_axis(img, a, pos)
             if out_positions is not None:
                 out_positions[a] = (out_positions[a] - phase) / ratio
-    img = img * inten.bias_field(rng, img.shape, rng.uniform(0.05, 0.35))
-    if rng.random() < 0.15:
-        img = inten.ghosting(rng, img, acq.phase_axis)
-    if rng.random() < 0.1:
-        img = inten.motion(rng, img, acq.phase_axis)
-    if rng.random() < 0.1:
-        img = inten.wrap_around(rng, img, acq.phase_axis)
-    img = inten.rician_noise(rng, img, rng.uniform(0.005, 0.06))
+    img = _scanner_artefacts(rng, img, acq.phase_axis, max_noise=0.06)
     if out_positions is not None:
         for a in range(3):
             if img.shape[a] != len(out_positions[a]) or not np.allclose(out_positions[a], np.arange(img.shape[a])):
@@ -426,11 +432,4 @@ def _acquire_exact(rng: np.random.Generator, clean: np.ndarray, sub: np.ndarray,
     sigma = [rng.uniform(0.0, 0.5) * s for s in sub]
     img = ndimage.gaussian_filter(clean, sigma=sigma, truncate=2.0) if max(sigma) > 0.05 else clean
     img = _block_mean(img, sub).astype(np.float32)
-    img = img * inten.bias_field(rng, img.shape, rng.uniform(0.05, 0.35))
-    if rng.random() < 0.15:
-        img = inten.ghosting(rng, img, acq.phase_axis)
-    if rng.random() < 0.1:
-        img = inten.motion(rng, img, acq.phase_axis)
-    if rng.random() < 0.1:
-        img = inten.wrap_around(rng, img, acq.phase_axis)
-    return inten.rician_noise(rng, img, rng.uniform(0.005, 0.05))
+    return _scanner_artefacts(rng, img, acq.phase_axis, max_noise=0.05)
