@@ -51,9 +51,13 @@ class ImageSpec:
         return (rel / f"ses-{self.ses}" if self.ses else rel) / "anat"
 
 
-def _rotation_x(degrees: float) -> np.ndarray:
-    a = np.deg2rad(degrees)
-    return np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+def rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    """Rotation matrix from angles (degrees) about x, then y, then z."""
+    ax, ay, az = np.deg2rad([ax, ay, az])
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
 
 
 def header_affine(kind: str) -> tuple[np.ndarray, int]:
@@ -66,7 +70,7 @@ def header_affine(kind: str) -> tuple[np.ndarray, int]:
     if kind in ("plain", "qform_only", "sform_only", "qfac_neg"):
         linear, long_axis = np.diag([1.0, 1.0, 1.5]), 2
     elif kind == "oblique":
-        linear, long_axis = _rotation_x(17.0) @ np.diag([0.9, 0.9, 1.2]), 2
+        linear, long_axis = rotation(17.0, 0.0, 0.0) @ np.diag([0.9, 0.9, 1.2]), 2
     elif kind == "psr":   # sagittal stored P-S-R: axis0 -> posterior, axis1 -> superior, axis2 -> right
         linear = np.array([[0.0, 0.0, 3.0], [-0.8, 0.0, 0.0], [0.0, 0.8, 0.0]])
         long_axis = 1

@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from fixtures import rotation
 
 from bids_app.errors import BadDataError, ConusIOError, InputMissingError
 from bids_app.image_io import (
@@ -23,15 +24,6 @@ from bids_app.image_io import (
     load_mask,
     save_like,
 )
-
-
-def rotation(ax: float, ay: float, az: float) -> np.ndarray:
-    """Rotation matrix from angles (degrees) about x, then y, then z."""
-    ax, ay, az = np.deg2rad([ax, ay, az])
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def make_affine(linear: np.ndarray, zooms, origin) -> np.ndarray:
