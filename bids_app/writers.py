@@ -20,9 +20,11 @@ from bids_app.geometry import apply_affine, reorientation_for, voxel_sizes
 
 
 def _working(ctx) -> tuple[Any, np.ndarray, tuple[float, float, float]]:
-    """(reorientation, working affine, working spacing) of the run's image."""
-    reo = reorientation_for(ctx.loaded.affine, ctx.loaded.data.shape)
-    return reo, reo.working_affine, voxel_sizes(reo.working_affine)
+    """(reorientation, working affine, working spacing) of the run's image (computed once per run)."""
+    if "working" not in ctx.extras:
+        reo = reorientation_for(ctx.loaded.affine, ctx.loaded.data.shape)
+        ctx.extras["working"] = (reo, reo.working_affine, voxel_sizes(reo.working_affine))
+    return ctx.extras["working"]
 
 
 def _mask_working(ctx) -> np.ndarray:
