@@ -34,7 +34,7 @@ METADATA_NAME = "metadata.json"
 SUMS_NAME = "SHA256SUMS"
 CARD_NAME = "README.md"
 MAX_BUNDLE_BYTES = 10 * 1024 * 1024
-TASKS = ("segmentation", "centerline", "discs")
+TASKS = ("segmentation", "centerline", "spine")
 REQUIRED_KEYS = ("name", "version", "task", "architecture", "spacing", "patch_size", "normalisation",
                  "threshold", "weights")
 
@@ -82,6 +82,15 @@ class Bundle:
     @property
     def name(self) -> str:
         return str(self.metadata["name"])
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Names of the output channels in order (``("cord",)`` for a one-channel model)."""
+        return tuple(self.metadata.get("outputs") or ("cord",))
+
+    def channel(self, name: str) -> int | None:
+        """Index of output channel ``name``, or None when the model does not predict it."""
+        return self.outputs.index(name) if name in self.outputs else None
 
     def load_model(self):
         """The Keras model (TensorFlow imported here; safe_mode on, not compiled)."""

@@ -58,7 +58,6 @@ __all__ = [
     "centerline_to_grid",
     "centerline_to_mask",
     "centerline_to_tsv",
-    "extend_centerline",
     "fit_centerline",
 ]
 
@@ -667,42 +666,6 @@ def centerline_to_tsv(centerline: Centerline) -> str:
     lines = ["x_mm\ty_mm\tz_mm"]
     lines += [f"{p[0]:.3f}\t{p[1]:.3f}\t{p[2]:.3f}" for p in centerline.points_mm]
     return "\n".join(lines) + "\n"
-
-
-def extend_centerline(centerline: Centerline, length_mm: float = 30.0, spacing=None, *,
-                      direction_mm: float = 10.0) -> Centerline:
-    """Extrapolate ``length_mm`` beyond both ends along the direction of the last ``direction_mm``.
-
-    Used to extend the segmentation crop so that the model, not the centerline, decides where
-    the cord ends. The conus tip and edge flags are those of the input; extrapolated points
-    have confidence 0. ``spacing`` defaults to the centerline's own.
-    """
-    if not centerline.found or len(centerline.points_vox) < 2 or length_mm <= 0:
-        return centerline
-    sp = np.asarray(centerline.spacing if spacing is None else spacing, float)
-    g = centerline.points_vox * sp
-    seg = np.linalg.norm(np.diff(g, axis=0), axis=1)
-    step = float(np.median(seg[seg > 0])) if (seg > 0).any() else 1.0
-    arc = np.concatenate([[0.0], np.cumsum(seg)])
-    n_new = int(np.ceil(length_mm / step))
-    offsets = np.linspace(length_mm / n_new, length_mm, n_new)
-
-    def end_dir(at_start: bool) -> np.ndarray:
-        if at_start:
-            j = int(np.searchsorted(arc, min(direction_mm, arc[-1])))
-            d = g[0] - g[min(j, len(g) - 1)]
-        else:
-            j = int(np.searchsorted(arc, max(arc[-1] - direction_mm, 0.0), side="right")) - 1
-            d = g[-1] - g[max(j, 0)]
-        return d / max(np.linalg.norm(d), 1e-9)
-
-    low = g[0] + offsets[::-1, None] * end_dir(True)
-    high = g[-1] + offsets[:, None] * end_dir(False)
-    vox = np.concatenate([low, g, high]) / sp
-    conf = np.concatenate([np.zeros(n_new), centerline.confidence, np.zeros(n_new)])
-    return Centerline(vox, _vox_to_mm(centerline.affine, vox), centerline.affine, tuple(sp), True,
-                      centerline.conus_tip_vox, centerline.conus_tip_mm, conf,
-                      centerline.inferior_end_at_edge, centerline.superior_end_at_edge, centerline.source)
 
 
 @dataclass(frozen=True)

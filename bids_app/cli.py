@@ -214,8 +214,13 @@ def get_tools_parser() -> ArgumentParser:
             source.add_argument("--data", type=Path, metavar="BIDS_DIR",
                                 help="train on images + derivatives/labels masks")
             tool.add_argument("--pam50", type=Path, metavar="DIR", help="PAM50 template folder")
-            tool.add_argument("--task", choices=("segmentation", "centerline"), default="segmentation")
+            tool.add_argument("--task", choices=("segmentation", "centerline", "spine"), default="segmentation",
+                              help="segmentation (fine crops), centerline (coarse cord heatmap) or spine "
+                                   "(coarse cord + disc + C2/sacrum heatmaps)")
             tool.add_argument("--architecture", default=None, help="network architecture name")
+            tool.add_argument("--init-from", default=None, metavar="MODEL",
+                              help="start from this bundle's weights (layers of the same name and shape; "
+                                   "an output layer with more channels keeps the bundle's first ones)")
         else:
             tool.add_argument("--from", dest="from_model", required=True, metavar="MODEL",
                               help="shipped model name or bundle folder to start from")
@@ -228,7 +233,13 @@ def get_tools_parser() -> ArgumentParser:
         tool.add_argument("--steps", type=_positive_int, default=None, help="training steps per epoch")
         tool.add_argument("--epochs", type=_positive_int, default=None, help="number of epochs")
         tool.add_argument("--batch-size", type=_positive_int, default=None)
-        tool.add_argument("--lr", type=float, default=None, help="learning rate")
+        tool.add_argument("--lr", type=float, default=None,
+                          help="learning rate (with --resume: restart the schedule from this rate)")
+        tool.add_argument("--schedule", choices=("plateau", "cosine"), default=None,
+                          help="learning-rate schedule: halve on a validation plateau, or cosine decay "
+                               "to the end of --max-minutes")
+        tool.add_argument("--keep-best", action="store_true",
+                          help="export the epoch with the best validation Dice instead of the last one")
         tool.add_argument("--max-minutes", type=float, default=None, help="stop after this wall-clock time")
         tool.add_argument("--resume", action="store_true", help="resume from the checkpoints in --run-dir")
         tool.add_argument("--run-dir", type=Path, default=None, metavar="DIR",

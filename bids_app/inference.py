@@ -18,6 +18,13 @@ Steps:
 4. sliding-window probabilities on the crop, resampled back onto the native grid;
 5. threshold (bundle), keep the cord's components, fill axial holes, trim what lies more than
    ``trim_margin_mm`` below the conus tip found in the segmentation probabilities themselves.
+
+The centerline bundle is a one-channel "centerline" model or a multi-channel "spine" model whose
+``outputs`` name its channels (``cord``, ``discs``, ``anchors``). The centerline always comes
+from the ``cord`` channel. When the bundle has a ``discs`` channel, the disc and anchor heatmaps
+of the coarse run are kept on the result (``coarse_heatmaps``, for ``--levels auto``); with
+``disc_heatmaps`` set, the coarse model is also run when the centerline did not need it (small
+image segmented whole, or ``reference`` / ``file`` centerline).
 """
 
 from __future__ import annotations
@@ -62,6 +69,9 @@ class InferenceOptions:
     # and fall back to the whole image, within ``fallback_windows``, when it finds no cord
     whole_image_windows: int = 64
     fallback_windows: int = 400
+    # --levels auto: make sure the disc and anchor heatmaps are computed when the centerline
+    # bundle predicts them, even if the centerline itself did not need the coarse model
+    disc_heatmaps: bool = False
 
 
 @dataclass
@@ -78,6 +88,10 @@ class SegmentationResult:
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     model_info: dict = field(default_factory=dict)
+    # the coarse model's disc heatmaps when its bundle predicts discs: {"affine": 4x4 scanner-mm
+    # affine of the coarse (RAS working, resampled) grid, "discs": float32 array on that grid,
+    # "anchors": float32 array or None}; None when no disc channel was run
+    coarse_heatmaps: dict | None = None
 
 
 class Models:
@@ -85,13 +99,27 @@ class Models:
 
     def __init__(self, options: InferenceOptions):
         from bids_app.bundle import load_bundle
-        from bids_app.registry import default_bundle
+        from bids_app.errors import BundleError
+        from bids_app.registry import default_bundle, serves
 
         self.segmentation = load_bundle(options.model or default_bundle("segmentation"))
         self.centerline = None
-        if options.centerline_mode == "auto":
+        if options.centerline_mode == "auto" or options.disc_heatmaps:
             self.centerline = load_bundle(options.centerline_model or default_bundle("centerline"))
+        for role in ("segmentation", "centerline"):
+            bundle = getattr(self, role)
+            if bundle is not None and not serves(role, bundle.task):
+                raise BundleError(f"model {bundle.name!r} (task {bundle.task!r}) cannot be used as the "
+                                  f"{role} model", path=bundle.path)
+        if self.centerline is not None and self.centerline.channel("cord") is None:
+            raise BundleError(f"centerline model {self.centerline.name!r} has no 'cord' output "
+                              f"(outputs: {', '.join(self.centerline.outputs)})", path=self.centerline.path)
         self._predict: dict[str, object] = {}
+
+    @property
+    def predicts_discs(self) -> bool:
+        """True when the centerline bundle also predicts disc heatmaps (a "spine" model)."""
+        return self.centerline is not None and self.centerline.channel("discs") is not None
 
     def predict_fn(self, which: str):
         """The batch predictor of ``"segmentation"`` or ``"centerline"`` (built once)."""
@@ -123,12 +151,33 @@ def count_windows(shape, patch_size, overlap) -> int:
     return n
 
 
-def _coarse_centerline(work: np.ndarray, waff: np.ndarray, models: Models, overlap: float) -> cl.Centerline:
-    """The coarse heatmap model over the whole field of view, then the global curve fit."""
+def _coarse_predict(work: np.ndarray, waff: np.ndarray, models: Models, overlap: float):
+    """The coarse model over the whole field of view; returns (cord heatmap, coarse affine,
+    disc heatmaps as in ``SegmentationResult.coarse_heatmaps`` or None), all on the coarse grid."""
     bundle = models.centerline
     coarse, caff = resample(work, waff, bundle.spacing, order=1)
     heat = sliding_window_predict(coarse, models.predict_fn("centerline"), bundle.patch_size, overlap)
-    return cl.fit_centerline(heat, caff, bundle.spacing)
+    if heat.ndim == 3:
+        heat = heat[..., None]
+    if heat.shape[3] != len(bundle.outputs):
+        from bids_app.errors import BundleError
+
+        raise BundleError(f"model {bundle.name!r} predicted {heat.shape[3]} channels but its metadata "
+                          f"names {len(bundle.outputs)} outputs", path=bundle.path)
+    cord = np.ascontiguousarray(heat[..., bundle.channel("cord")])
+    discs = None
+    if bundle.channel("discs") is not None:
+        anchors = bundle.channel("anchors")
+        discs = {"affine": caff, "discs": np.ascontiguousarray(heat[..., bundle.channel("discs")]),
+                 "anchors": None if anchors is None else np.ascontiguousarray(heat[..., anchors])}
+    return cord, caff, discs
+
+
+def _coarse_centerline(work: np.ndarray, waff: np.ndarray, models: Models, overlap: float):
+    """The coarse model over the whole field of view, then the global curve fit on its cord
+    channel; returns (centerline, disc heatmaps or None)."""
+    cord, caff, discs = _coarse_predict(work, waff, models, overlap)
+    return cl.fit_centerline(cord, caff, models.centerline.spacing), discs
 
 
 def _whole_image_segmentation(work, waff, models: Models, options: InferenceOptions):
@@ -165,30 +214,31 @@ def _segment_crop(work, waff, centre: cl.Centerline, models: Models, options: In
 
 
 def _working_centerline(loaded, reo, work, waff, options, models, reference, warnings):
-    """The centerline, and the working-grid probabilities when the whole image was segmented."""
+    """The centerline, the working-grid probabilities when the whole image was segmented, and
+    the coarse disc heatmaps when the coarse model ran and predicts discs."""
     if options.centerline_mode == "reference":
         if reference is None:
             from bids_app.errors import InputMissingError
 
             raise InputMissingError("--centerline reference needs a reference mask", path=loaded.path)
-        return cl.centerline_from_mask(reo.to_working(reference.data), waff), None
+        return cl.centerline_from_mask(reo.to_working(reference.data), waff), None, None
     if options.centerline_mode == "file":
-        return cl.centerline_from_file(options.centerline_file, work.shape, waff), None
+        return cl.centerline_from_file(options.centerline_file, work.shape, waff), None, None
     fine_shape, _ = grid_for_spacing(work.shape, waff, models.segmentation.spacing)
     windows = count_windows(fine_shape, models.segmentation.patch_size, options.overlap)
     if windows <= options.whole_image_windows:
         prob, centre = _whole_image_segmentation(work, waff, models, options)
-        return centre, prob
-    centre = _coarse_centerline(work, waff, models, options.overlap)
+        return centre, prob, None
+    centre, discs = _coarse_centerline(work, waff, models, options.overlap)
     if not centre.found and windows <= options.fallback_windows:
         warnings.append("the coarse centerline model found no cord; the segmentation model was run "
                         f"over the whole image ({windows} windows)")
         prob, centre = _whole_image_segmentation(work, waff, models, options)
-        return centre, prob
+        return centre, prob, discs
     if not centre.found:
         warnings.append(f"the coarse centerline model found no cord, and the image is too large "
                         f"({windows} windows > {options.fallback_windows}) to segment whole")
-    return centre, None
+    return centre, None, discs
 
 
 def segment_image(
@@ -212,8 +262,13 @@ def segment_image(
 
     warnings: list[str] = list(loaded.warnings)
     t = time.perf_counter()
-    centre, prob_work = _working_centerline(loaded, reo, work, waff, options, models, reference, warnings)
+    centre, prob_work, heatmaps = _working_centerline(loaded, reo, work, waff, options, models, reference,
+                                                      warnings)
     seconds["centerline"] = time.perf_counter() - t
+    if heatmaps is None and options.disc_heatmaps and models.predicts_discs:
+        t = time.perf_counter()
+        heatmaps = _coarse_predict(work, waff, models, options.overlap)[2]
+        seconds["disc_heatmaps"] = time.perf_counter() - t
 
     prob_native = None
     mask_work = np.zeros(work.shape, dtype=np.uint8)
@@ -257,4 +312,5 @@ def segment_image(
         seconds=seconds,
         warnings=warnings,
         model_info=models.info(),
+        coarse_heatmaps=heatmaps,
     )

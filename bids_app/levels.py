@@ -914,3 +914,72 @@ def _spacing_residuals(
     pos = _TEMPLATE_POS[np.asarray(values) - FIRST_DISC]
     expected = scale * (pos[:-1] - pos[1:])
     return np.log(gaps / expected) / _gap_sd(expected, config)
+
+
+# --------------------------------------------------------------------------------------
+# From the coarse spine model's heatmaps to identified discs
+# --------------------------------------------------------------------------------------
+
+
+class AutoDiscs(NamedTuple):
+    """Result of :func:`discs_from_heatmaps`: detected points (inferior first), their scores, the
+    identification (values None when skipped) and what the anchor channel showed."""
+
+    points_mm: np.ndarray
+    scores: np.ndarray
+    identification: DiscIdentification
+    sacrum_in_view: bool
+    top_in_view: bool
+
+    def labels(self, affine: np.ndarray) -> list[DiscLabel]:
+        """Identified discs as :class:`DiscLabel` on the grid of ``affine`` (empty when skipped)."""
+        if self.identification.values is None:
+            return []
+        return make_disc_labels(self.identification.values, self.points_mm, affine)
+
+
+def _anchor_blobs(anchor_heat: np.ndarray, affine: np.ndarray, threshold: float, min_volume_mm3: float,
+                  max_points: int = 400) -> list[np.ndarray]:
+    """Voxel positions (mm, at most ``max_points`` each) of the anchor heatmap's blobs above ``threshold``."""
+    mask = np.asarray(anchor_heat) >= threshold
+    lab, n = ndimage.label(mask)
+    aff = np.asarray(affine, float)
+    voxel_mm3 = float(abs(np.linalg.det(aff[:3, :3])))
+    blobs = []
+    for i, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        idx = np.argwhere(lab[sl] == i) + [s.start for s in sl]
+        if len(idx) * voxel_mm3 < min_volume_mm3:
+            continue
+        idx = idx[:: max(1, len(idx) // max_points)]
+        blobs.append(idx @ aff[:3, :3].T + aff[:3, 3])
+    return blobs
+
+
+def discs_from_heatmaps(
+    disc_heat: np.ndarray, anchor_heat: np.ndarray | None, affine: np.ndarray, centerline=None,
+    conus_tip_mm: np.ndarray | None = None, *, threshold: float = 0.3, anchor_threshold: float = 0.5,
+    min_anchor_mm3: float = 300.0, anchor_gap_mm: float = 15.0, config: IdentifyConfig = IdentifyConfig(),
+) -> AutoDiscs:
+    """Detected and identified discs from the disc and anchor heatmaps (same grid, ``affine``).
+
+    Discs are the peaks of ``disc_heat`` (:func:`detect_discs_from_heatmap`). An anchor blob
+    (C2 or the sacrum) of at least ``min_anchor_mm3`` that starts within ``anchor_gap_mm`` below
+    the lowest disc (along the line through the discs) means the sacrum is in view; one that
+    starts within that distance above the highest disc means the top of the spine (C2) is.
+    Identities then come from :func:`identify_discs`.
+    """
+    points, scores = detect_discs_from_heatmap(disc_heat, affine, centerline, threshold=threshold)
+    sacrum = top = False
+    if anchor_heat is not None and len(points):
+        line = points if len(points) > 1 else np.vstack([points[0] - [0, 0, 1.0], points[0]])
+        arcs = _arc_lengths(line)
+        for blob in _anchor_blobs(anchor_heat, affine, anchor_threshold, min_anchor_mm3):
+            pos = _closest_on_polyline(blob, line, extrapolate=True)[0]
+            if pos.max() < arcs[0] + 5.0 and arcs[0] - pos.max() <= anchor_gap_mm:
+                sacrum = True
+            if pos.min() > arcs[-1] - 5.0 and pos.min() - arcs[-1] <= anchor_gap_mm:
+                top = True
+    ident = identify_discs(points, sacrum, top, conus_tip_mm, config=config)
+    return AutoDiscs(points, scores, ident, sacrum, top)

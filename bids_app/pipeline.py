@@ -120,7 +120,7 @@ def inference_options(cfg: ParticipantConfig):
 
     mode = "file" if cfg.centerline_file is not None else cfg.centerline
     return InferenceOptions(model=cfg.model, centerline_mode=mode, centerline_file=cfg.centerline_file,
-                            overlap=cfg.overlap, tta=cfg.tta)
+                            overlap=cfg.overlap, tta=cfg.tta, disc_heatmaps=cfg.levels == "auto")
 
 
 _MODELS_CACHE: dict[Any, Any] = {}
@@ -159,8 +159,8 @@ def model_identity(cfg: ParticipantConfig, segment_fn: SegmentFn | None) -> dict
     from bids_app import bundle, registry
 
     names = {"segmentation": cfg.model or registry.default_bundle("segmentation")}
-    if cfg.centerline == "auto" and cfg.centerline_file is None:
-        names["centerline"] = registry.default_bundle("centerline")
+    if (cfg.centerline == "auto" and cfg.centerline_file is None) or cfg.levels == "auto":
+        names["centerline"] = registry.default_bundle("centerline")   # --levels auto: its disc heatmaps
     bundles = {task: bundle.load_bundle(name) for task, name in names.items()}
     return {
         "name": str(names["segmentation"]),
@@ -240,6 +240,7 @@ def sidecar_content(ctx: RunContext) -> dict[str, Any]:
         "Sources": [bids_uri(run.path, cfg.bids_dir)],
         "ReferenceMask": None if run.reference_mask is None else bids_uri(run.reference_mask, cfg.bids_dir),
         "DiscLabels": None if run.disc_labels is None else bids_uri(run.disc_labels, cfg.bids_dir),
+        "Levels": ctx.extras.get("levels_info"),
         "CordFound": bool(result.cord_found),
         "ConusTip": conus_tip,
         "Model": model,

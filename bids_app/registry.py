@@ -4,6 +4,11 @@ This module feeds argparse choices (``--model``) and must stay import-light: no 
 no numpy. Each entry names a folder under the shipped models directory (``models/`` at the
 repository root, or ``$CONUS_MODELS_DIR`` when set, e.g. inside the container), the task the
 model performs, a one-line description, and whether it is the default for its task.
+
+An entry's ``task`` is the *role* the bundle plays in the pipeline ("segmentation" or
+"centerline"), which may differ from the ``task`` in the bundle's own metadata: the
+"centerline" role is served by a one-channel centerline model or by a multi-channel "spine"
+model (cord, discs, anchors), see :data:`ROLE_TASKS`.
 """
 
 from __future__ import annotations
@@ -31,7 +36,18 @@ SHIPPED_BUNDLES: dict[str, dict] = {
     },
 }
 
-TASKS = ("segmentation", "centerline")
+#: role (registry ``task``) -> the bundle metadata tasks that can serve it
+ROLE_TASKS: dict[str, tuple[str, ...]] = {
+    "segmentation": ("segmentation",),
+    "centerline": ("centerline", "spine"),
+}
+
+TASKS = tuple(ROLE_TASKS)
+
+
+def serves(role: str, bundle_task: str) -> bool:
+    """True when a bundle whose metadata task is ``bundle_task`` can play ``role``."""
+    return bundle_task in ROLE_TASKS.get(role, ())
 
 
 def models_dir() -> Path:
@@ -48,7 +64,7 @@ def bundle_names(task: str | None = None) -> list[str]:
 
 
 def default_bundle(task: str) -> str:
-    """Name of the default shipped bundle for ``task`` ("segmentation" or "centerline")."""
+    """Name of the default shipped bundle for the role ``task`` ("segmentation" or "centerline")."""
     for name, entry in SHIPPED_BUNDLES.items():
         if entry["task"] == task and entry["default"]:
             return name

@@ -1,8 +1,9 @@
 """Sliding-window inference with Gaussian-weighted blending and flip test-time augmentation.
 
 Pure numpy: the network is hidden behind ``predict_fn(batch) -> probabilities`` where a batch is
-``(B, X, Y, Z, 1)`` float32. Also holds the intensity normalisation shared by training and
-inference (a model bundle names it in its metadata).
+``(B, X, Y, Z, 1)`` float32 and the probabilities ``(B, X, Y, Z, C)``: one channel (the cord) or
+several (e.g. a "spine" model's cord, discs and anchors). Also holds the intensity normalisation
+shared by training and inference (a model bundle names it in its metadata).
 """
 
 from __future__ import annotations
@@ -100,16 +101,18 @@ def flip_tta(predict_fn: PredictFn, flips: Sequence[Sequence[int]] = TTA_FLIPS) 
     """Wrap ``predict_fn``: average its predictions over flipped copies of the batch.
 
     Each flip is applied to the spatial axes of the batch, predicted, and flipped back before
-    averaging, so a flip-equivariant model gives exactly its plain prediction.
+    averaging, so a flip-equivariant model gives exactly its plain prediction. The channel axis
+    (any number of output channels) is never flipped.
     """
 
     def predict(batch: np.ndarray) -> np.ndarray:
-        total = np.zeros(batch.shape, dtype=np.float64)
+        total = None
         for axes in flips:
             spatial = tuple(a + 1 for a in axes)
             flipped = np.flip(batch, axis=spatial) if spatial else batch
             pred = np.asarray(predict_fn(np.ascontiguousarray(flipped)), dtype=np.float64)
-            total += np.flip(pred, axis=spatial) if spatial else pred
+            pred = np.flip(pred, axis=spatial) if spatial else pred
+            total = pred if total is None else total + pred
         return (total / len(flips)).astype(np.float32)
 
     return predict
@@ -132,7 +135,8 @@ def sliding_window_predict(
     (centre-weighted) or "mean". Axes shorter than the patch are padded symmetrically with
     ``pad_value`` (default: the volume minimum, i.e. background) and cropped back. With
     ``tta`` the prediction is averaged over flips (see :data:`TTA_FLIPS`). Returns float32
-    probabilities of the volume's shape, clipped to [0, 1].
+    probabilities clipped to [0, 1]: of the volume's shape ``(X, Y, Z)`` when ``predict_fn``
+    returns one channel, ``(X, Y, Z, C)`` when it returns ``C > 1`` channels.
     """
     vol = np.asarray(volume, dtype=np.float32)
     if vol.ndim != 3:
@@ -156,7 +160,7 @@ def sliding_window_predict(
     weight = gaussian_weight(patch) if blend == "gaussian" else np.ones(patch, dtype=np.float64)
     fn = flip_tta(predict_fn) if tta else predict_fn
 
-    acc = np.zeros(padded.shape, dtype=np.float64)
+    acc = None  # (X, Y, Z, C), allocated once the first prediction tells C
     norm = np.zeros(padded.shape, dtype=np.float64)
     for b0 in range(0, len(corners), batch_size):
         group = corners[b0 : b0 + batch_size]
@@ -164,12 +168,17 @@ def sliding_window_predict(
             [padded[i : i + patch[0], j : j + patch[1], k : k + patch[2]] for i, j, k in group]
         )[..., None]
         pred = np.asarray(fn(batch), dtype=np.float64)
-        if pred.shape != batch.shape:
-            raise UsageError(f"predict_fn returned shape {pred.shape}, expected {batch.shape}")
+        if pred.ndim != 5 or pred.shape[:4] != batch.shape[:4] or pred.shape[4] < 1 or (
+                acc is not None and pred.shape[4] != acc.shape[3]):
+            expected = batch.shape[:4] + ("C",)
+            raise UsageError(f"predict_fn returned shape {pred.shape}, expected {expected}")
+        if acc is None:
+            acc = np.zeros(padded.shape + (pred.shape[4],), dtype=np.float64)
         for (i, j, k), p in zip(group, pred, strict=True):
             sl = (slice(i, i + patch[0]), slice(j, j + patch[1]), slice(k, k + patch[2]))
-            acc[sl] += p[..., 0] * weight
+            acc[sl] += p * weight[..., None]
             norm[sl] += weight
-    out = acc / norm
+    out = acc / norm[..., None]
     crop = tuple(slice(b, b + s) for b, s in zip(pad_before, vol.shape, strict=True))
-    return np.clip(out[crop], 0.0, 1.0).astype(np.float32)
+    out = np.clip(out[crop], 0.0, 1.0).astype(np.float32)
+    return np.ascontiguousarray(out[..., 0]) if out.shape[3] == 1 else out

@@ -52,29 +52,76 @@ def _rows_to_tsv(path: Path, rows: list[dict]) -> Path:
     return write_tsv(path, header, [[row.get(k) for k in header] for row in rows])
 
 
+def _auto_discs(ctx) -> tuple[list | None, list[Path]]:
+    """``--levels auto``: discs detected and identified in the coarse model's heatmaps.
+
+    Returns (identified discs or None, files written). Identified discs are also written as a
+    single-voxel label image (``_label-discs_dlabel``, SCT values, header of the image). What
+    the identification found is recorded in ``ctx.extras["levels_info"]`` (sidecar).
+    """
+    heatmaps = getattr(ctx.result, "coarse_heatmaps", None)
+    if not heatmaps or heatmaps.get("discs") is None:
+        ctx.warnings.append("--levels auto: the centerline model predicts no discs (no disc-detection model "
+                            "available); vertebral levels and the split were skipped")
+        ctx.extras["levels_info"] = {"DiscSource": None, "Reason": "the centerline model predicts no discs"}
+        return None, []
+    auto = lv.discs_from_heatmaps(heatmaps["discs"], heatmaps.get("anchors"), heatmaps["affine"],
+                                  centerline=_final_centerline(ctx), conus_tip_mm=ctx.result.conus_tip_mm)
+    ident = auto.identification
+    ctx.extras["levels_info"] = {
+        "DiscSource": "auto",
+        "DiscsDetected": int(len(auto.points_mm)),
+        "Identified": ident.values is not None,
+        "Confidence": round(float(ident.confidence), 4),
+        "Reason": ident.reason,
+        "SacrumInView": bool(auto.sacrum_in_view),
+        "TopInView": bool(auto.top_in_view),
+    }
+    if ident.values is None:
+        ctx.warnings.append(f"--levels auto: disc identities not found ({ident.reason}); vertebral levels "
+                            "and the split were skipped")
+        return None, []
+    from bids_app.image_io import save_like
+
+    discs = auto.labels(ctx.loaded.affine)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", lv.DiscLabelWarning)
+        label = lv.discs_to_label_image(discs, ctx.loaded.data.shape, ctx.loaded.affine)
+    ctx.warnings.extend(f"detected discs: {w.message}" for w in caught)
+    return discs, [save_like(label, ctx.loaded.img, ctx.paths.discs)]
+
+
 def write_levels(ctx) -> list[Path]:
-    """Vertebral levels from the run's disc labels: discs TSV, per-slice levels, optional split.
+    """Vertebral levels from the run's discs: discs TSV, per-slice levels, optional split.
 
     ``--levels labels`` (default) uses the disc labels found in the derivatives; without them
-    nothing is written. ``--levels auto`` needs a disc-detection model, which conus does not
-    ship yet: a warning says so and levels are skipped (never guessed).
+    nothing is written. ``--levels auto`` detects and identifies the discs in the heatmaps of
+    a centerline model that predicts them (a "spine" model, see ``inference``), writes them as
+    ``_label-discs_dlabel`` and goes on as with labels; when the identities are not
+    trustworthy, or the centerline model predicts no discs, a warning says so and levels and
+    the split are skipped (never guessed). With ``--levels auto`` and a model without disc
+    channel, the run's disc labels are used when there are some.
     """
     cfg, run = ctx.cfg, ctx.run
     if cfg.levels == "none" or not ctx.result.cord_found:
         return []
-    if cfg.levels == "auto" and run.disc_labels is None:
-        ctx.warnings.append("--levels auto: no disc-detection model is shipped in this version; "
-                            "vertebral levels and the split were skipped")
-        return []
-    if run.disc_labels is None:
+    heatmaps = getattr(ctx.result, "coarse_heatmaps", None)
+    written: list[Path] = []
+    if cfg.levels == "auto" and (run.disc_labels is None or (heatmaps and heatmaps.get("discs") is not None)):
+        discs, written = _auto_discs(ctx)
+        if discs is None:
+            return written
+    elif run.disc_labels is None:
         if cfg.split:
             ctx.warnings.append("--split needs disc labels (derivatives/labels *_label-discs_dlabel); "
                                 "none found for this run, the split was skipped")
         return []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", lv.DiscLabelWarning)
-        discs = lv.read_disc_labels(run.disc_labels)
-    ctx.warnings.extend(f"disc labels: {w.message}" for w in caught)
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", lv.DiscLabelWarning)
+            discs = lv.read_disc_labels(run.disc_labels)
+        ctx.warnings.extend(f"disc labels: {w.message}" for w in caught)
+        ctx.extras["levels_info"] = {"DiscSource": "labels", "Discs": sum(d.value != lv.CONUS_VALUE for d in discs)}
     centre = _final_centerline(ctx)
     _, waff, _ = _working(ctx)
     point_levels = lv.levels_along_cord(centre, discs)
@@ -83,7 +130,8 @@ def write_levels(ctx) -> list[Path]:
     ctx.extras["discs"] = discs
     ctx.extras["slice_levels"] = per_slice
     ctx.extras["conus_level"] = lv.conus_level(ctx.result.conus_tip_mm, centre, discs)
-    written = [
+    ctx.extras["levels_info"]["ConusLevel"] = ctx.extras["conus_level"]
+    written += [
         _rows_to_tsv(ctx.paths.discs_tsv, lv.discs_tsv_rows(discs, centre)),
         _rows_to_tsv(ctx.paths.levels_tsv, lv.levels_tsv_rows(per_slice)),
     ]
@@ -137,6 +185,8 @@ def write_metrics(ctx) -> list[Path]:
         "notes": notes,
         "Reference": str(ctx.run.reference_mask),
     }
+    if "levels_info" in ctx.extras:
+        report["levels"] = ctx.extras["levels_info"]
     rows = metrics.per_slice_metrics(_mask_working(ctx), ref_work, spacing)
     return [write_json(ctx.paths.metrics_json, report), _rows_to_tsv(ctx.paths.slice_metrics_tsv, rows)]
 

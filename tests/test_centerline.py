@@ -16,7 +16,6 @@ from bids_app.centerline import (
     centerline_to_grid,
     centerline_to_mask,
     centerline_to_tsv,
-    extend_centerline,
     fit_centerline,
 )
 from bids_app.errors import BadDataError, InputMissingError
@@ -268,23 +267,6 @@ def test_file_mode_errors(tmp_path):
     notnii.write_bytes(b"not a nifti")
     with pytest.raises(BadDataError):
         centerline_from_file(notnii, SHAPE, AFFINE)
-
-
-def test_extend_by_30_mm(fitted):
-    ext = extend_centerline(fitted, 30.0, SPACING)
-    d_low = np.linalg.norm(ext.points_mm[0] - fitted.points_mm[0])
-    d_high = np.linalg.norm(ext.points_mm[-1] - fitted.points_mm[-1])
-    assert d_low == pytest.approx(30.0, abs=1e-6) and d_high == pytest.approx(30.0, abs=1e-6)
-    # follows the last direction: the new inferior points are collinear with the end tangent
-    tangent = fitted.points_mm[0] - fitted.points_mm[10]
-    tangent /= np.linalg.norm(tangent)
-    new = ext.points_mm[0] - fitted.points_mm[0]
-    assert np.dot(new / np.linalg.norm(new), tangent) > 0.999
-    assert ext.points_vox[0, 2] < fitted.points_vox[0, 2]
-    np.testing.assert_allclose(ext.conus_tip_mm, fitted.conus_tip_mm)
-    n_new = (len(ext.points_vox) - len(fitted.points_vox)) // 2
-    assert np.all(ext.confidence[:n_new] == 0) and np.all(ext.confidence[-n_new:] == 0)
-    np.testing.assert_allclose(ext.points_mm, ext.points_vox @ AFFINE[:3, :3].T + AFFINE[:3, 3])
 
 
 def test_centerline_to_mask_one_voxel_per_slice(fitted):

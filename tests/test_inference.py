@@ -12,6 +12,7 @@ with a margin; they are not targets.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +21,9 @@ import pytest
 from fixtures import write_dataset_description
 
 from bids_app import cli, inference, metrics, registry
+from bids_app import levels as lv
+from bids_app.errors import BundleError
+from bids_app.geometry import reorientation_for
 from bids_app.image_io import GEOMETRY_FIELDS, load_image, load_mask
 from bids_app.synth import LABELS, generate_sample
 
@@ -235,3 +239,254 @@ def test_no_cord_in_view_gives_empty_mask(cli_run):
     sidecar = json.loads((anat / "sub-02_T2w_label-SC_seg.json").read_text())
     assert sidecar["CordFound"] is False and sidecar["ConusTip"] is None
     assert not (out / "sub-02" / "log").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# automatic vertebral levels: a tiny multi-channel ("spine") centerline bundle whose predictions
+# are replaced by analytic heatmaps read off a phantom (pointwise, exact on the coarse grid)
+
+VOXEL_MM = 1.5
+SPINE_DISCS = tuple(range(25, 15, -1))  # L5-S1 .. T8-T9, inferior first
+BACKGROUND, CORD = 100.0, 1000.0
+SACRUM = -5000.0  # the anchor channel; discs are encoded in [-900, 100): never cord-like
+
+
+def _spine_phantom(sacrum: bool = True):
+    """A straight lumbar + lower thoracic spine at 1.5 mm, stored L-P-S (axes 0 and 1 flipped).
+
+    Cord: a tube (radius 4 mm) from the top of the view down to the conus near L1-L2. Discs
+    (values :data:`SPINE_DISCS`, template spacing) are Gaussian blobs 9 mm anterior of the cord,
+    centred on voxel centres, encoded as intensities ``100 - 1000 g``; the sacrum (optional) is
+    a block 6-40 mm below L5-S1. Returns (image, cord mask, affine, {value: native voxel}).
+    """
+    z_mm = {v: round((620.0 - lv._TEMPLATE_POS[v - 1]) / VOXEL_MM) * VOXEL_MM for v in SPINE_DISCS}
+    conus_z = 620.0 - float(np.interp(20.8, lv._TEMPLATE_VALUES, lv._TEMPLATE_POS))
+    shape = (21, 25, 244)
+    affine = np.diag([-VOXEL_MM, -VOXEL_MM, VOXEL_MM, 1.0])
+    affine[:3, 3] = [15.0, 24.0, -45.0]   # x from 15 to -15, y from 24 to -12, z from -45 up
+    vox = np.indices(shape).reshape(3, -1).T
+    mm = (vox @ affine[:3, :3].T + affine[:3, 3]).reshape(shape + (3,))
+    x, y, z = mm[..., 0], mm[..., 1], mm[..., 2]
+    cord = ((x**2 + y**2 <= 16.0) & (z >= conus_z)).astype(np.uint8)
+    image = np.full(shape, BACKGROUND, np.float32)
+    image[cord > 0] = CORD
+    inv = np.linalg.inv(affine)
+    planted = {}
+    for value, zv in z_mm.items():
+        centre = np.array([0.0, 9.0, zv])
+        g = np.exp(-((mm - centre) ** 2).sum(axis=-1) / (2 * 2.5**2))
+        blob = g > 0.01
+        image[blob] = BACKGROUND - 1000.0 * g[blob]
+        planted[value] = tuple(int(i) for i in np.rint(inv[:3, :3] @ centre + inv[:3, 3]))
+    if sacrum:
+        image[(np.abs(x) <= 10) & (y >= 0) & (y <= 20) & (z <= z_mm[25] - 6.0) & (z >= z_mm[25] - 40.0)] = SACRUM
+    return image, cord, affine, planted
+
+
+def _fake_predictors(outputs):
+    """Pointwise stand-ins for the networks: cord, discs and anchors read off the intensities."""
+
+    def maps(batch):
+        v = batch[..., 0]
+        return {"cord": np.clip((v - BACKGROUND) / (CORD - BACKGROUND), 0.0, 1.0),
+                "discs": np.where(v > -1000.0, np.clip((BACKGROUND - v) / 1000.0, 0.0, 1.0), 0.0),
+                "anchors": (v <= -2000.0).astype(np.float32)}
+
+    def channels(batch, names):
+        found = maps(batch)
+        return np.stack([found[name] for name in names], axis=-1).astype(np.float32)
+
+    return {"segmentation": lambda batch: channels(batch, ("cord",)),
+            "centerline": lambda batch: channels(batch, outputs)}
+
+
+@pytest.fixture(scope="module")
+def tiny_bundles(tmp_path_factory):
+    """Tiny untrained bundles at 1.5 mm: segmentation, one-channel centerline, 3-channel spine."""
+    from bids_app.bundle import write_bundle
+    from bids_app.training.networks import unet3d
+
+    folder = tmp_path_factory.mktemp("bundles")
+    meta = {"version": "0.0.1", "architecture": "unet3d-test", "spacing": [VOXEL_MM] * 3,
+            "normalisation": {"method": "percentile_zscore", "percentiles": [0.5, 99.5], "scope": "patch"},
+            "threshold": 0.5, "training": {"argv": ["conus", "train", "--test"], "seed": 0}}
+    specs = {"seg": ("segmentation", 1, [16, 16, 16], None),
+             "centerline": ("centerline", 1, [32, 32, 32], None),
+             "spine": ("spine", 3, [32, 32, 32], ["cord", "discs", "anchors"])}
+    bundles = {}
+    for name, (task, n_out, patch, outputs) in specs.items():
+        extra = {"outputs": outputs} if outputs else {}
+        model = unet3d(base_filters=2, depth=1, name=name, outputs=n_out)
+        bundles[name] = write_bundle(folder / name, model, {**meta, "name": name, "task": task,
+                                                             "patch_size": patch, **extra})
+    return bundles
+
+
+def _models(tiny_bundles, centerline="spine", **options):
+    opts = inference.InferenceOptions(model=str(tiny_bundles["seg"].path),
+                                      centerline_model=str(tiny_bundles[centerline].path), **options)
+    return inference.Models(opts), opts
+
+
+@pytest.fixture()
+def fake_networks(monkeypatch):
+    """Replace the bundles' networks by :func:`_fake_predictors`; counts the calls per model."""
+    calls = {"segmentation": 0, "centerline": 0}
+
+    def predict_fn(self, which):
+        fn = _fake_predictors(self.centerline.outputs if self.centerline else ("cord",))[which]
+
+        def counted(batch):
+            calls[which] += 1
+            return fn(batch)
+
+        return counted
+
+    monkeypatch.setattr(inference.Models, "predict_fn", predict_fn)
+    return calls
+
+
+def test_spine_bundle_predicts_channels_last(tiny_bundles):
+    from bids_app.segment import sliding_window_predict
+
+    spine = tiny_bundles["spine"]
+    assert spine.outputs == ("cord", "discs", "anchors") and spine.channel("anchors") == 2
+    assert tiny_bundles["centerline"].outputs == ("cord",) and tiny_bundles["centerline"].channel("discs") is None
+    vol = np.random.default_rng(0).random((20, 12, 34)).astype(np.float32)
+    heat = sliding_window_predict(vol, spine.predict_fn(), spine.patch_size, 0.5)
+    assert heat.shape == vol.shape + (3,) and 0.0 <= heat.min() and heat.max() <= 1.0
+    # the roles: a spine bundle serves as centerline model, not as segmentation model
+    assert registry.serves("centerline", "spine") and not registry.serves("segmentation", "spine")
+    with pytest.raises(BundleError, match="cannot be used as the segmentation model"):
+        inference.Models(inference.InferenceOptions(model=str(spine.path), centerline_mode="file"))
+
+
+def test_coarse_run_keeps_disc_heatmaps(tiny_bundles, fake_networks):
+    image, cord, affine, planted = _spine_phantom()
+    loaded = _loaded(image, affine)
+    models, options = _models(tiny_bundles)
+    result = inference.segment_image(loaded, options, models=models)
+    assert result.cord_found and metrics.dice(result.mask, cord) > 0.95
+    heat = result.coarse_heatmaps
+    assert heat is not None and set(heat) == {"affine", "discs", "anchors"}
+    # the coarse grid is the working (RAS) grid here: x and y flipped from the native L-P-S
+    np.testing.assert_allclose(heat["affine"], reorientation_for(affine, image.shape).working_affine)
+    peak = np.asarray(np.unravel_index(np.argmax(heat["discs"]), heat["discs"].shape), float)
+    peak_mm = heat["affine"][:3, :3] @ peak + heat["affine"][:3, 3]
+    planted_mm = [affine[:3, :3] @ np.array(v, float) + affine[:3, 3] for v in planted.values()]
+    assert min(np.linalg.norm(peak_mm - p) for p in planted_mm) < 1e-6
+    assert heat["anchors"].max() == 1.0 and heat["discs"].max() == pytest.approx(1.0)
+    # a one-channel centerline bundle keeps no heatmaps
+    models, options = _models(tiny_bundles, centerline="centerline", disc_heatmaps=True)
+    assert inference.segment_image(loaded, options, models=models).coarse_heatmaps is None
+
+
+def test_heatmaps_run_only_when_asked_without_coarse_centerline(tiny_bundles, fake_networks):
+    image, cord, affine, _ = _spine_phantom()
+    loaded = _loaded(image, affine)
+    reference = _loaded(cord.astype(np.float32), affine)
+    for asked in (False, True):
+        models, options = _models(tiny_bundles, centerline_mode="reference", disc_heatmaps=asked)
+        fake_networks["centerline"] = 0
+        result = inference.segment_image(loaded, options, reference=reference, models=models)
+        assert result.cord_found and result.centerline.source == "reference"
+        assert (result.coarse_heatmaps is not None) is asked
+        assert (fake_networks["centerline"] > 0) is asked
+        assert ("disc_heatmaps" in result.seconds) is asked
+
+
+def _loaded(data: np.ndarray, affine: np.ndarray):
+    from bids_app.image_io import LoadedImage
+
+    img = nib.Nifti1Image(data, affine)
+    return LoadedImage(Path("phantom.nii.gz"), img, data.astype(np.float32), affine, (VOXEL_MM,) * 3, ())
+
+
+def _spine_dataset(root: Path, sacrum: bool) -> tuple[Path, np.ndarray, dict]:
+    """One subject: the spine phantom (L-P-S, qform code 2, sform code 1) and its reference cord."""
+    image, cord, affine, planted = _spine_phantom(sacrum)
+    write_dataset_description(root)
+    (root / "participants.tsv").write_text("participant_id\nsub-01\n")
+    img = nib.Nifti1Image(image, affine)
+    img.header.set_qform(affine, code=2)
+    img.header.set_sform(affine, code=1)
+    (root / "sub-01" / "anat").mkdir(parents=True)
+    nib.save(img, root / "sub-01" / "anat" / "sub-01_T2w.nii.gz")
+    labels = root / "derivatives" / "labels"
+    write_dataset_description(labels, "reference labels", "derivative")
+    (labels / "sub-01" / "anat").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(cord, affine), labels / "sub-01" / "anat" / "sub-01_T2w_label-SC_seg.nii.gz")
+    return root, cord, planted
+
+
+def _run_pipeline(tmp_path, tiny_bundles, centerline="spine", sacrum=True, **cfg_options):
+    from bids_app import pipeline
+    from bids_app.config import ParticipantConfig
+
+    bids, _, planted = _spine_dataset(tmp_path / "bids", sacrum)
+    models, _ = _models(tiny_bundles, centerline=centerline, disc_heatmaps=True)
+
+    def segment(loaded, cfg, reference=None):
+        options = replace(pipeline.inference_options(cfg), model=str(tiny_bundles["seg"].path),
+                          centerline_model=str(tiny_bundles[centerline].path))
+        return inference.segment_image(loaded, options, reference=reference, models=models)
+
+    segment.model_info = {"name": "tiny", "sha256": "1" * 64}
+    out = tmp_path / "out"
+    cfg = ParticipantConfig(bids_dir=bids, output_dir=out, verbosity=-1, **cfg_options)
+    summary = pipeline.run_participant_level(cfg, segment)
+    anat = out / "sub-01" / "anat"
+    sidecar = json.loads((anat / "sub-01_T2w_label-SC_seg.json").read_text())
+    return summary, bids, anat, sidecar, planted
+
+
+def test_levels_auto_writes_detected_discs_and_split(tmp_path, tiny_bundles, fake_networks):
+    summary, bids, anat, sidecar, planted = _run_pipeline(tmp_path, tiny_bundles, levels="auto", split=True)
+    assert summary.exit_code == 0 and summary.count("ok") == 1
+    src = nib.load(bids / "sub-01" / "anat" / "sub-01_T2w.nii.gz")
+    dlabel = nib.load(anat / "sub-01_T2w_label-discs_dlabel.nii.gz")
+    for name in GEOMETRY_FIELDS:
+        assert np.array_equal(dlabel.header[name], src.header[name]), name
+    assert dlabel.shape == src.shape and dlabel.get_data_dtype() == np.uint8
+    written = np.asarray(dlabel.dataobj)
+    expected = np.zeros(src.shape, np.uint8)
+    for value, voxel in planted.items():
+        expected[voxel] = value
+    assert np.array_equal(written, expected)   # every planted disc, at its voxel, with its value
+    # then exactly the labels path: discs TSV, per-slice levels, split, per-region Dice
+    rows = (anat / "sub-01_T2w_desc-discs.tsv").read_text().splitlines()
+    assert [r.split("\t")[1] for r in rows[1:]] == [lv.disc_name(v) for v in sorted(SPINE_DISCS)]
+    assert (anat / "sub-01_T2w_desc-levels.tsv").is_file()
+    dseg = np.asarray(nib.load(anat / "sub-01_T2w_label-SC_dseg.nii.gz").dataobj)
+    assert set(np.unique(dseg)) == {0, 1, 2}
+    split_z = planted[17][2]   # T9-T10: cervicothoracic above it, lumbosacral below (z grows upward)
+    assert not (dseg[..., split_z + 2:] == 2).any() and not (dseg[..., : split_z - 1] == 1).any()
+    report = json.loads((anat / "sub-01_T2w_desc-metrics.json").read_text())
+    assert report["metrics"]["dice_lumbosacral"] > 0.95 and report["metrics"]["dice_cervicothoracic"] > 0.95
+    levels = sidecar["Levels"]
+    assert levels["DiscSource"] == "auto" and levels["Identified"] is True
+    assert levels["Confidence"] > 0.9 and levels["SacrumInView"] is True and levels["TopInView"] is False
+    assert levels["DiscsDetected"] == len(SPINE_DISCS) and "L5-S1" in levels["Reason"]
+    assert levels["ConusLevel"] in ("L1", "T12", "L2") and report["levels"] == levels
+    assert "sub-01_T2w_label-discs_dlabel.nii.gz" in sidecar["Outputs"]
+
+
+def test_levels_auto_without_trustworthy_identities_skips(tmp_path, tiny_bundles, fake_networks):
+    summary, _, anat, sidecar, _ = _run_pipeline(tmp_path, tiny_bundles, sacrum=False, levels="auto", split=True)
+    assert summary.exit_code == 0 and summary.count("ok") == 1
+    levels = sidecar["Levels"]
+    assert levels["DiscSource"] == "auto" and levels["Identified"] is False
+    assert levels["SacrumInView"] is False and levels["DiscsDetected"] == len(SPINE_DISCS)
+    assert any("disc identities not found" in w and levels["Reason"] in w for w in sidecar["Warnings"])
+    for tail in ("label-discs_dlabel.nii.gz", "label-SC_dseg.nii.gz", "desc-discs.tsv", "desc-levels.tsv"):
+        assert not (anat / f"sub-01_T2w_{tail}").exists(), tail
+    assert (anat / "sub-01_T2w_label-SC_seg.nii.gz").is_file()
+
+
+def test_levels_auto_with_one_channel_centerline_model_warns(tmp_path, tiny_bundles, fake_networks):
+    summary, _, anat, sidecar, _ = _run_pipeline(tmp_path, tiny_bundles, centerline="centerline", levels="auto")
+    assert summary.exit_code == 0
+    assert any("predicts no discs" in w for w in sidecar["Warnings"])
+    assert sidecar["Levels"]["DiscSource"] is None
+    assert not (anat / "sub-01_T2w_label-discs_dlabel.nii.gz").exists()
+    assert not (anat / "sub-01_T2w_desc-levels.tsv").exists()

@@ -127,11 +127,61 @@ def test_flip_tta_flips_back():
     np.testing.assert_allclose(kept[0], ramp, atol=1e-6)
 
 
+def three_channels(batch: np.ndarray) -> np.ndarray:
+    """A pointwise 3-channel predictor: the intensity, its square and its complement."""
+    return np.concatenate([batch, batch**2, 1.0 - batch], axis=-1)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_multichannel_predictor_gives_channels_last(tta):
+    rng = np.random.default_rng(4)
+    vol = rng.random((13, 9, 20)).astype(np.float32)
+    out = sliding_window_predict(vol, three_channels, (8, 8, 8), 3, tta=tta, batch_size=2)
+    assert out.shape == (13, 9, 20, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out[..., 0], vol, atol=1e-6)
+    np.testing.assert_allclose(out[..., 1], vol**2, atol=1e-6)
+    np.testing.assert_allclose(out[..., 2], 1.0 - vol, atol=1e-6)
+    # one channel keeps the volume's shape (every existing caller)
+    single = sliding_window_predict(vol, lambda b: three_channels(b)[..., 1:2], (8, 8, 8), 3, tta=tta)
+    assert single.shape == vol.shape and single.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(single, vol**2, atol=1e-6)
+
+
+def test_flip_tta_flips_back_every_channel():
+    # channel 0 rises along x, channel 1 along y; flips must be undone per channel, never
+    # across channels
+    ramp = np.linspace(0, 1, 8, dtype=np.float32)
+    by_x = np.broadcast_to(ramp[:, None, None], (8, 8, 8))
+    by_y = np.broadcast_to(ramp[None, :, None], (8, 8, 8))
+
+    def position(batch):
+        return np.broadcast_to(np.stack([by_x, by_y], axis=-1), batch.shape[:4] + (2,)).copy()
+
+    batch = np.zeros((2, 8, 8, 8, 1), np.float32)
+    kept = flip_tta(position, flips=((), (2,)))(batch)
+    assert kept.shape == (2, 8, 8, 8, 2)
+    np.testing.assert_allclose(kept[0, ..., 0], by_x, atol=1e-6)
+    np.testing.assert_allclose(kept[0, ..., 1], by_y, atol=1e-6)
+    averaged = flip_tta(position, flips=((), (0,)))(batch)
+    np.testing.assert_allclose(averaged[..., 0], 0.5, atol=1e-6)   # x flipped: averaged out
+    np.testing.assert_allclose(averaged[1, ..., 1], by_y, atol=1e-6)   # y untouched
+
+
 def test_sliding_window_rejects_bad_input():
     with pytest.raises(UsageError):
         sliding_window_predict(np.zeros((4, 4)), identity, (2, 2, 2))
     with pytest.raises(UsageError):
         sliding_window_predict(np.zeros((4, 4, 4)), lambda b: b[:, :1], (2, 2, 2))
+    with pytest.raises(UsageError):   # no channel axis
+        sliding_window_predict(np.zeros((4, 4, 4)), lambda b: b[..., 0], (2, 2, 2))
+    calls = []
+
+    def changing(batch):   # the number of channels must not change between batches
+        calls.append(1)
+        return np.repeat(batch, len(calls), axis=-1)
+
+    with pytest.raises(UsageError):
+        sliding_window_predict(np.zeros((4, 4, 4)), changing, (2, 2, 2), 0, batch_size=1)
 
 
 def test_normalisation():

@@ -52,6 +52,11 @@ class TaskConfig:
     strength: float = 1.0                       # synthetic deformation/size range (1 = training)
     flip_axes: tuple[int, ...] = (0, 1, 2)
     val_regions: tuple[str, ...] = ("cervical", "thoracic", "lumbosacral")
+    targets: tuple[str, ...] = ("cord",)        # output channels (bids_app.synth.targets.TARGETS)
+
+    @property
+    def multi_target(self) -> bool:
+        return self.targets != ("cord",)
 
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
@@ -65,6 +70,16 @@ TASKS: dict[str, TaskConfig] = {
         patch_size=(64, 64, 64),
         fov_fraction=0.3,
         val_regions=("cervical", "thoracic", "lumbosacral", "below_conus"),
+    ),
+    # coarse whole-view model with three outputs: cord heatmap (centerline), disc balls and the
+    # C2/sacrum anchors (vertebral levels); crops are mostly whole-view patches
+    "spine": TaskConfig(
+        task="spine",
+        spacing=(1.5, 1.5, 1.5),
+        patch_size=(64, 64, 64),
+        fov_fraction=0.6,
+        val_regions=("cervical", "thoracic", "lumbosacral", "below_conus"),
+        targets=("cord", "discs", "anchors"),
     ),
 }
 
@@ -89,8 +104,11 @@ class StreamConfig:
 
 
 def _crop_or_pad(vol: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float = 0.0) -> np.ndarray:
-    """``vol[start:start+size]`` where the window may reach outside the array (padded with fill)."""
-    out = np.full(tuple(size), fill, dtype=vol.dtype)
+    """``vol[start:start+size]`` where the window may reach outside the array (padded with fill).
+
+    Trailing axes beyond the three spatial ones (channels) are kept whole.
+    """
+    out = np.full(tuple(size) + vol.shape[3:], fill, dtype=vol.dtype)
     src, dst = [], []
     for a in range(3):
         s0, s1 = start[a], start[a] + size[a]
@@ -142,20 +160,28 @@ class SyntheticSource:
         if not use_fov:
             s = generate_crop(int(seed), patch_size=t.patch_size, spacing=t.spacing, pam50_dir=self.pam50_dir,
                               contrast=contrast, region=region, source=self.source, strength=strength)
-            return s.image.astype(np.float32), s.cord.astype(np.uint8), {"region": s.region, "contrast": s.contrast}
+            return s.image.astype(np.float32), self._targets(s), {"region": s.region, "contrast": s.contrast}
         # a whole coarse view, shared by the crops_per_view consecutive seeds of a group
         if group not in self._view_cache:
             src = self.source or ("pam50" if self.pam50_dir and grng.random() < 0.85 else "phantom")
             self._view_cache.clear()
-            self._view_cache[group] = generate_sample(int(group) + 5_000_000, source=src, pam50_dir=self.pam50_dir,
-                                                      region=None, contrast=contrast, spacing=t.spacing,
-                                                      strength=strength)
-        view = self._view_cache[group]
+            view = generate_sample(int(group) + 5_000_000, source=src, pam50_dir=self.pam50_dir,
+                                   region=None, contrast=contrast, spacing=t.spacing, strength=strength)
+            self._view_cache[group] = (view, self._targets(view))
+        view, targets = self._view_cache[group]
         start = random_window(rng, view.image.shape, t.patch_size)
         fill = float(view.image.min())
         image = _crop_or_pad(view.image.astype(np.float32), start, t.patch_size, fill)
-        mask = _crop_or_pad(view.cord.astype(np.uint8), start, t.patch_size, 0)
+        mask = _crop_or_pad(targets, start, t.patch_size, 0)
         return image, mask, {"region": f"view-{view.region}", "contrast": view.contrast}
+
+    def _targets(self, sample) -> np.ndarray:
+        """The cord mask (X, Y, Z), or (X, Y, Z, C) channels for a multi-target task."""
+        if not self.task.multi_target:
+            return sample.cord.astype(np.uint8)
+        from bids_app.synth.targets import target_channels
+
+        return target_channels(sample, self.task.targets)
 
 
 @dataclass
@@ -221,7 +247,8 @@ def prepare(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None
     if rng is not None and flip_axes:
         image, mask = random_flips(image, mask, rng, flip_axes)
     image = normalise_intensity(image, normalisation)
-    return image[..., None].astype(np.float32), mask[..., None].astype(np.float32)
+    target = mask if mask.ndim == 4 else mask[..., None]
+    return image[..., None].astype(np.float32), target.astype(np.float32)
 
 
 _WORKER_SOURCE = None

@@ -6,6 +6,7 @@ number recorded here is computed on CPU in the exporting process.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -104,7 +105,7 @@ def fixed_sets(task: TaskConfig, pam50_dir: str | None, n_per_region: int, n_out
 
 def validation_report(model, task: TaskConfig, pam50_dir: str | None, run_dir: Path, threshold: float,
                       normalisation: dict, n_per_region: int = 16, n_out_of_range: int = 8, n_phantom: int = 4,
-                      workers: int = 0) -> dict:
+                      workers: int = 0, n_views_per_region: int = 3) -> dict:
     """Dice on every fixed held-out set (computed on CPU), for the bundle metadata."""
     report = {}
     for name, (source, seeds, desc) in fixed_sets(task, pam50_dir, n_per_region, n_out_of_range, n_phantom).items():
@@ -119,7 +120,7 @@ def validation_report(model, task: TaskConfig, pam50_dir: str | None, run_dir: P
             data["image"] = data["image"].astype(np.float16).astype(np.float32)
             np.savez_compressed(run_dir / PHANTOM_FILE, image=data["image"].astype(np.float16),
                                 mask=data["mask"].astype(np.uint8), seed=np.asarray(seeds))
-        res = evaluate_set(model, data, normalisation, threshold, group_by="contrast")
+        res = evaluate_set(model, data, normalisation, threshold, group_by="contrast", targets=task.targets)
         entry = {"description": desc, "seeds": [int(seeds[0]), int(seeds[-1])], **res.pop("all")}
         entry["by_contrast"] = {k: v["dice_mean"] for k, v in res.items()}
         if name == "phantom_fixed":
@@ -127,10 +128,53 @@ def validation_report(model, task: TaskConfig, pam50_dir: str | None, run_dir: P
                                       "patch_size": list(task.patch_size), "spacing": list(task.spacing),
                                       "seeds": [int(s) for s in seeds]}
             entry["file"] = PHANTOM_FILE
+        if task.task == "segmentation" and name.endswith("_lumbosacral"):
+            entry["conus_tip"] = conus_tip_errors(model, data, normalisation, threshold, task.spacing)
         report[name] = entry
         LOG.info("validation %s: Dice mean %s pooled %.4f (n=%d)", name,
                  None if entry["dice_mean"] is None else round(entry["dice_mean"], 4), entry["dice_pooled"], entry["n"])
+    if task.fov_fraction > 0:
+        from bids_app.training.train import model_predict_fn
+        from bids_app.training.view_eval import evaluate_views
+
+        views = evaluate_views(model_predict_fn(model, normalisation), outputs=task.targets, spacing=task.spacing,
+                               patch_size=task.patch_size, pam50_dir=pam50_dir, n_per_region=n_views_per_region)
+        (run_dir / "whole_views.json").write_text(json.dumps(views, indent=1, default=float))
+        report["whole_views"] = {"description": views["description"], **views["all"],
+                                 "by_region": views["by_region"]}
+        LOG.info("whole views: %s", views["all"])
     return report
+
+
+def conus_tip_errors(model, data: dict, normalisation: dict, threshold: float, spacing) -> dict:
+    """Conus tip error (mm) on crops whose reference cord ends inside the crop.
+
+    The tip of a mask is the end of its centerline (:func:`bids_app.centerline.centerline_from_mask`),
+    computed the same way for the reference and the prediction; a prediction without cord counts as
+    a miss.
+    """
+    from bids_app import centerline as cl
+    from bids_app.training.train import predict_patches
+
+    affine = np.diag([*map(float, spacing), 1.0])
+    probs = predict_patches(model, data["image"], normalisation)
+    errors, missed = [], 0
+    for prob, mask in zip(probs, data["mask"], strict=True):
+        if not mask.any() or mask[:, :, 0].any():
+            continue  # no cord, or the cord leaves through the bottom of the crop
+        ref_tip = cl.centerline_from_mask(mask, affine).conus_tip_mm
+        pred = cl.centerline_from_mask((prob >= threshold).astype(np.uint8), affine)
+        if ref_tip is None:
+            continue
+        if not pred.found or pred.conus_tip_mm is None:
+            missed += 1
+            continue
+        errors.append(float(np.linalg.norm(np.asarray(pred.conus_tip_mm) - np.asarray(ref_tip))))
+    n = len(errors) + missed
+    return {"n_crops_with_tip": n, "missed": missed,
+            "error_mm_mean": float(np.mean(errors)) if errors else None,
+            "error_mm_median": float(np.median(errors)) if errors else None,
+            "within_3mm": (sum(e <= 3.0 for e in errors) / n) if n else None}
 
 
 def export_bundle(result: TrainResult, out: Path, *, name: str, task: TaskConfig, recipe: Recipe, data: dict,
@@ -150,7 +194,9 @@ def export_bundle(result: TrainResult, out: Path, *, name: str, task: TaskConfig
         "patch_size": list(task.patch_size),
         "normalisation": normalisation,
         "threshold": recipe.threshold,
-        "output": "sigmoid cord probability, one channel",
+        "output": ("sigmoid cord probability, one channel" if not task.multi_target
+                   else f"sigmoid probabilities, {len(task.targets)} channels: {', '.join(task.targets)}"),
+        "outputs": list(task.targets),
         "trained_flips": list(task.flip_axes),
         "training": {
             "argv": list(result.state.get("argv", [])),

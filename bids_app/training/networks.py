@@ -48,11 +48,13 @@ def unet3d(
     convs_per_level: int = 2,
     norm: str = "batch",
     name: str = "unet3d",
+    outputs: int = 1,
 ) -> keras.Model:
     """Plain 3D U-Net with ``depth`` poolings; spatial input sizes must be divisible by 2**depth.
 
     ``input_shape`` may leave spatial sizes as None so one model serves any patch size. The
-    output is one sigmoid channel (cord probability) of the input's spatial shape.
+    output is ``outputs`` sigmoid channels (channel 0: cord probability) of the input's spatial
+    shape.
     """
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     x = inputs
@@ -67,11 +69,11 @@ def unet3d(
         x = layers.Conv3DTranspose(filters, 2, strides=2, name=f"dec{level + 1}_up")(x)
         x = layers.Concatenate(name=f"dec{level + 1}_concat")([x, skips[level]])
         x = _conv_block(x, filters, f"dec{level + 1}", convs_per_level, norm)
-    outputs = layers.Conv3D(1, 1, activation="sigmoid", name="output", dtype="float32")(x)
-    return keras.Model(inputs, outputs, name=name)
+    probs = layers.Conv3D(int(outputs), 1, activation="sigmoid", name="output", dtype="float32")(x)
+    return keras.Model(inputs, probs, name=name)
 
 
-def thesis_unet(input_shape: Sequence[int | None] = (None, None, None, 1)) -> keras.Model:
+def thesis_unet(input_shape: Sequence[int | None] = (None, None, None, 1), outputs: int = 1) -> keras.Model:
     """Thesis-scale comparison network: a shallow, wide 3D U-Net (base 18, depth 2, batch norm).
 
     The thesis reports 468,817 parameters for its 64x64x48 network and 7.9 s per training step
@@ -80,20 +82,22 @@ def thesis_unet(input_shape: Sequence[int | None] = (None, None, None, 1)) -> ke
     of its compute at full resolution; it is what "thesis" means in comparisons, and its own
     parameter count and speed are what conus reports.
     """
-    return unet3d(input_shape, base_filters=18, depth=2, norm="batch", name="thesis_unet")
+    return unet3d(input_shape, base_filters=18, depth=2, norm="batch", name="thesis_unet", outputs=outputs)
 
 
 ARCHITECTURES = {
-    "unet3d-b8d3": lambda shape: unet3d(shape, base_filters=8, depth=3, norm="instance", name="unet3d_b8d3"),
+    "unet3d-b8d3": lambda shape, outputs=1: unet3d(shape, base_filters=8, depth=3, norm="instance",
+                                                   name="unet3d_b8d3", outputs=outputs),
     "thesis": thesis_unet,
 }
 
 
-def build_network(arch: str, input_shape: Sequence[int | None] = (None, None, None, 1)) -> keras.Model:
-    """Build a network by its registered name (see :data:`ARCHITECTURES`)."""
+def build_network(arch: str, input_shape: Sequence[int | None] = (None, None, None, 1),
+                  outputs: int = 1) -> keras.Model:
+    """Build a network with ``outputs`` sigmoid channels by its registered name (see :data:`ARCHITECTURES`)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch](input_shape)
+    return ARCHITECTURES[arch](input_shape, outputs=outputs)
 
 
 def is_contraction_layer(layer_name: str) -> bool:

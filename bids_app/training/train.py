@@ -60,6 +60,7 @@ class Recipe:
     plateau_patience: int = 10             # epochs without a better validation Dice
     min_lr: float = 1e-6
     keep_best: bool = False                # export the epoch with the best validation Dice
+    schedule: str = "plateau"              # "plateau" (ReduceLROnPlateau) | "cosine" (to min_lr at max_seconds)
     freeze_prefixes: tuple[str, ...] = ()  # layer-name prefixes kept frozen (fine-tuning)
     threads: int = 2
     workers: int = 1
@@ -81,9 +82,10 @@ def _register_losses():
 
     @keras.saving.register_keras_serializable(package="conus", name="soft_dice")
     def soft_dice(y_true, y_pred):
-        """Soft Dice over the whole batch (smooth 1)."""
-        inter = ops.sum(y_true * y_pred)
-        return (2.0 * inter + 1.0) / (ops.sum(y_true) + ops.sum(y_pred) + 1.0)
+        """Soft Dice over the whole batch (smooth 1) per output channel, averaged over channels."""
+        axes = (0, 1, 2, 3)
+        inter = ops.sum(y_true * y_pred, axis=axes)
+        return ops.mean((2.0 * inter + 1.0) / (ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes) + 1.0))
 
     @keras.saving.register_keras_serializable(package="conus", name="dice_bce_loss")
     def dice_bce_loss(y_true, y_pred):
@@ -125,18 +127,51 @@ def apply_freeze(model, prefixes: Sequence[str]) -> list[str]:
     return frozen
 
 
+def warm_start(model, source) -> list[str]:
+    """Copy ``source``'s weights into ``model`` layer by layer (same names and shapes).
+
+    A layer whose weights differ only in the last axis (an output layer with more channels)
+    gets the source's channels in its first positions. Returns the names of the layers copied.
+    """
+    copied = []
+    by_name = {layer.name: layer for layer in source.layers}
+    for layer in model.layers:
+        src = by_name.get(layer.name)
+        if src is None or not layer.get_weights():
+            continue
+        new, old = layer.get_weights(), src.get_weights()
+        if len(new) != len(old):
+            continue
+        merged = []
+        for n, o in zip(new, old, strict=True):
+            if n.shape == o.shape:
+                merged.append(o)
+            elif n.shape[:-1] == o.shape[:-1] and n.shape[-1] > o.shape[-1]:
+                n = n.copy()
+                n[..., : o.shape[-1]] = o
+                merged.append(n)
+            else:
+                break
+        else:
+            layer.set_weights(merged)
+            copied.append(layer.name)
+    return copied
+
+
 # --------------------------------------------------------------------------------------------- evaluation
 
 
 def predict_patches(model, images: np.ndarray, normalisation: dict, batch_size: int = 4) -> np.ndarray:
-    """Probabilities for a stack of raw patches (N, X, Y, Z) → (N, X, Y, Z) float32."""
+    """Probabilities for a stack of raw patches (N, X, Y, Z) → (N, X, Y, Z) float32, or
+    (N, X, Y, Z, C) for a model with C > 1 outputs."""
     from bids_app.segment import normalise_batch
 
-    out = np.empty(images.shape, dtype=np.float32)
+    parts = []
     for i in range(0, len(images), batch_size):
         x = normalise_batch(images[i : i + batch_size, ..., None], normalisation)
-        out[i : i + batch_size] = np.asarray(model(x, training=False))[..., 0]
-    return out
+        parts.append(np.asarray(model(x, training=False), dtype=np.float32))
+    out = np.concatenate(parts)
+    return out[..., 0] if out.shape[-1] == 1 else out
 
 
 def model_predict_fn(model, normalisation: dict):
@@ -172,10 +207,22 @@ def dice_scores(probs: np.ndarray, masks: np.ndarray, threshold: float) -> dict:
     return out
 
 
-def evaluate_set(model, data: dict, normalisation: dict, threshold: float, group_by: str | None = "region") -> dict:
-    """Dice on a fixed set, overall and per ``region`` (or contrast) label."""
+def evaluate_set(model, data: dict, normalisation: dict, threshold: float, group_by: str | None = "region",
+                 targets: Sequence[str] = ("cord",)) -> dict:
+    """Dice on a fixed set, overall and per ``region`` (or contrast) label.
+
+    For a multi-output model the scores are the cord channel's; the other channels (``targets``)
+    add a pooled Dice each under ``"all"``.
+    """
     probs = predict_patches(model, data["image"], normalisation)
-    result = {"all": dice_scores(probs, data["mask"], threshold)}
+    masks = data["mask"]
+    extra = {}
+    if probs.ndim == 5:
+        for c, name in enumerate(targets[1:], start=1):
+            extra[f"dice_pooled_{name}"] = dice_scores(probs[..., c], masks[..., c], threshold)["dice_pooled"]
+        probs, masks = probs[..., 0], masks[..., 0]
+        data = {**data, "mask": masks}
+    result = {"all": {**dice_scores(probs, masks, threshold), **extra}}
     if group_by:
         for label in sorted(set(data[group_by].tolist())):
             sel = data[group_by] == label
@@ -214,6 +261,18 @@ class _Prefetch:
         return item
 
 
+def cosine_lr(start: dict, seconds: float, recipe: Recipe) -> float:
+    """Cosine decay by wall-clock time: ``start["lr"]`` at ``start["seconds"]`` to ``min_lr`` at the budget's end.
+
+    >>> round(cosine_lr({"seconds": 0.0, "lr": 1e-3}, 50.0, Recipe(max_seconds=100.0, min_lr=0.0)), 6)
+    0.0005
+    """
+    if recipe.max_seconds is None or recipe.max_seconds <= start["seconds"]:
+        return float(start["lr"])
+    frac = min(max((seconds - start["seconds"]) / (recipe.max_seconds - start["seconds"]), 0.0), 1.0)
+    return float(recipe.min_lr + (start["lr"] - recipe.min_lr) * 0.5 * (1.0 + np.cos(np.pi * frac)))
+
+
 @dataclass
 class TrainResult:
     model: object
@@ -245,6 +304,7 @@ def run_training(
     normalisation: dict | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
+    lr_override: float | None = None,
 ) -> TrainResult:
     """Train ``model`` (already built, or replaced by the checkpoint when resuming) epoch by epoch.
 
@@ -275,6 +335,11 @@ def run_training(
         state = {"epoch": -1, "seconds": 0.0, "steps": 0, "history": [], "lr": recipe.lr,
                  "best_dice": None, "best_epoch": None, "since_best": 0, "argv": list(argv),
                  "recipe": recipe.as_dict(), "task": task.as_dict()}
+    if resume and lr_override is not None:
+        state["lr"] = float(lr_override)
+        state["best_dice"], state["since_best"] = None, 0   # a new schedule: compare epochs from here on
+    if recipe.schedule == "cosine":
+        state.setdefault("cosine_from", {"seconds": float(state["seconds"]), "lr": float(state["lr"])})
     start_epoch = state["epoch"] + 1
     model.optimizer.learning_rate.assign(state["lr"])
     t_session = time.monotonic()
@@ -316,14 +381,15 @@ def run_training(
                 if not budget_left():
                     stopped_early = True
                     break
-            val = evaluate_set(model, val_set, normalisation, recipe.threshold)
+            val = evaluate_set(model, val_set, normalisation, recipe.threshold, targets=task.targets)
             val_dice = val["all"]["dice_mean"] if val["all"]["dice_mean"] is not None else val["all"]["dice_pooled"]
             lr = float(np.asarray(model.optimizer.learning_rate))
             row = {"epoch": epoch, "steps": state["steps"], "loss": float(np.mean(losses)),
                    "soft_dice": float(np.nanmean(dices)), "val_dice": float(val_dice), "lr": lr,
                    "seconds": seconds_before + time.monotonic() - t_session,
                    "epoch_seconds": time.monotonic() - t_epoch, "partial": stopped_early,
-                   "val_regions": {k: v["dice_mean"] for k, v in val.items() if k != "all"}}
+                   "val_regions": {k: v["dice_mean"] for k, v in val.items() if k != "all"},
+                   **{k: v for k, v in val["all"].items() if k.startswith("dice_pooled_")}}
             state["history"].append(row)
             improved = state["best_dice"] is None or val_dice > state["best_dice"]
             if improved:
@@ -332,11 +398,14 @@ def run_training(
                     model.save_weights(run_dir / BEST_WEIGHTS)
             else:
                 state["since_best"] += 1
-                if state["since_best"] >= recipe.plateau_patience and lr > recipe.min_lr:
+                if (recipe.schedule == "plateau" and state["since_best"] >= recipe.plateau_patience
+                        and lr > recipe.min_lr):
                     lr = max(lr * recipe.plateau_factor, recipe.min_lr)
                     model.optimizer.learning_rate.assign(lr)
                     state["since_best"] = 0
                     LOG.info("validation Dice plateau: learning rate -> %.2e", lr)
+            if recipe.schedule == "cosine":
+                model.optimizer.learning_rate.assign(cosine_lr(state["cosine_from"], row["seconds"], recipe))
             state["lr"] = float(np.asarray(model.optimizer.learning_rate))
             state["epoch"] = epoch
             state["seconds"] = row["seconds"]
@@ -400,6 +469,8 @@ def recipe_from_args(args, base: Recipe | None = None) -> Recipe:
                    max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
                    threads=threads,
                    workers=base.workers if workers is None else int(workers),
+                   keep_best=bool(getattr(args, "keep_best", False)) or base.keep_best,
+                   schedule=getattr(args, "schedule", None) or base.schedule,
                    stream=stream)
 
 
@@ -438,11 +509,17 @@ def main_train(args) -> int:
         from bids_app.training.networks import build_network
 
         configure_tensorflow(recipe.threads, recipe.stream.seed)
-        model = build_network(recipe.arch)
+        model = build_network(recipe.arch, outputs=len(task.targets))
+        init_from = getattr(args, "init_from", None)
+        if init_from and not args.resume:
+            from bids_app.bundle import load_bundle
+
+            copied = warm_start(model, load_bundle(init_from).load_model())
+            LOG.info("warm start from %s: %d layers copied", init_from, len(copied))
         LOG.info("%s: %d parameters, %d TF threads, %d data workers", recipe.arch, model.count_params(),
                  recipe.threads, recipe.workers)
         result = run_training(model, recipe, producer, task, val_set, run_dir, resume=args.resume, argv=argv,
-                              normalisation=normalisation)
+                              normalisation=normalisation, lr_override=args.lr if args.resume else None)
     finally:
         producer.close()
     from bids_app.training.export import export_bundle, validation_report

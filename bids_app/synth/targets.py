@@ -1,0 +1,121 @@
+"""Training targets derived from a synthetic sample, one channel each (pure numpy).
+
+The coarse "spine" model predicts several maps at once from one whole field of view:
+
+- ``cord``: the cord mask (centerline and conus tip come from it);
+- ``discs``: a ball of radius :data:`DISC_RADIUS_MM` around each intervertebral disc's point on
+  the cord (SCT values 3 = C2-C3 … 25 = L5-S1; values 1, 2 and the conus marker 60 have no disc
+  a detector can see), the heatmap that :func:`bids_app.levels.detect_discs_from_heatmap` reads;
+- ``anchors``: the two vertebrae that fix disc identities when they are in view, C2 (above the
+  highest disc, C2-C3) and the sacrum (below the lowest, L5-S1). Which one a blob is follows
+  from its position relative to the detected discs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from bids_app.synth.labels import LABELS
+
+TARGETS: tuple[str, ...] = ("cord", "discs", "anchors")
+DISC_RADIUS_MM = 4.0
+FIRST_VISIBLE_DISC = 3      # C2-C3
+LAST_DISC = 25              # L5-S1
+C2_HEIGHT_MM = 20.0         # used when the C1-C2 point lies outside the view
+C2_RADIUS_MM = 25.0         # lateral reach of the C2 anchor around the canal axis
+
+
+def _zooms(affine: np.ndarray) -> np.ndarray:
+    return np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
+
+
+def _to_vox(affine: np.ndarray, pts_mm: np.ndarray) -> np.ndarray:
+    inv = np.linalg.inv(np.asarray(affine, float))
+    return np.asarray(pts_mm, float).reshape(-1, 3) @ inv[:3, :3].T + inv[:3, 3]
+
+
+def balls(shape: Sequence[int], affine: np.ndarray, points_mm: np.ndarray, radius_mm: float) -> np.ndarray:
+    """uint8 volume with 1 inside a ball of ``radius_mm`` (in mm, any voxel size) around each point."""
+    out = np.zeros(tuple(int(s) for s in shape), dtype=np.uint8)
+    zooms = _zooms(affine)
+    reach = np.ceil(radius_mm / zooms).astype(int) + 1
+    for centre in _to_vox(affine, points_mm):
+        lo = np.maximum(np.floor(centre).astype(int) - reach, 0)
+        hi = np.minimum(np.ceil(centre).astype(int) + reach + 1, out.shape)
+        if np.any(hi <= lo):
+            continue
+        grids = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        d2 = sum(((g - c) * z) ** 2 for g, c, z in zip(grids, centre, zooms, strict=True))
+        out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] |= (d2 <= radius_mm ** 2).astype(np.uint8)
+    return out
+
+
+def disc_target(shape, affine, discs: Sequence[tuple[int, np.ndarray]], radius_mm: float = DISC_RADIUS_MM) -> np.ndarray:
+    """Balls around the visible discs (values 3..25) of an annotation list ``[(value, xyz_mm), ...]``."""
+    pts = [np.asarray(p, float) for v, p in discs if FIRST_VISIBLE_DISC <= int(v) <= LAST_DISC]
+    if not pts:
+        return np.zeros(tuple(shape), dtype=np.uint8)
+    return balls(shape, affine, np.stack(pts), radius_mm)
+
+
+def _local_axis(centerline_mm: np.ndarray, near: np.ndarray) -> np.ndarray:
+    """Unit superior direction of the centerline near ``near`` (scanner +z when unknown)."""
+    line = np.asarray(centerline_mm, float).reshape(-1, 3)
+    if len(line) < 2:
+        return np.array([0.0, 0.0, 1.0])
+    i = int(np.argmin(np.linalg.norm(line - near, axis=1)))
+    a, b = line[max(i - 10, 0)], line[min(i + 10, len(line) - 1)]
+    d = b - a
+    if np.linalg.norm(d) < 1e-6:
+        return np.array([0.0, 0.0, 1.0])
+    d = d / np.linalg.norm(d)
+    return d if d[2] >= 0 else -d
+
+
+def c2_target(labels: np.ndarray, affine: np.ndarray, discs, centerline_mm: np.ndarray) -> np.ndarray:
+    """Bone voxels (body + posterior elements) of C2: between the C2-C3 and C1-C2 disc points.
+
+    Empty when the C2-C3 disc is not in view. Without the C1-C2 point, C2 is taken as
+    :data:`C2_HEIGHT_MM` high (it ends at the top of the view anyway in that case).
+    """
+    by_value = {int(v): np.asarray(p, float) for v, p in discs}
+    if FIRST_VISIBLE_DISC not in by_value:
+        return np.zeros(labels.shape, dtype=np.uint8)
+    bottom = by_value[FIRST_VISIBLE_DISC]
+    axis = _local_axis(centerline_mm, bottom)
+    height = float(np.dot(by_value[2] - bottom, axis)) if 2 in by_value else C2_HEIGHT_MM
+    bone = np.isin(labels, (LABELS["vertebral_body"], LABELS["posterior_elements"]))
+    idx = np.argwhere(bone)
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    if len(idx) == 0:
+        return out
+    aff = np.asarray(affine, float)
+    mm = idx @ aff[:3, :3].T + aff[:3, 3] - bottom
+    along = mm @ axis
+    lateral = np.linalg.norm(mm - np.outer(along, axis), axis=1)
+    keep = (along >= 0) & (along <= max(height, 5.0)) & (lateral <= C2_RADIUS_MM)
+    out[tuple(idx[keep].T)] = 1
+    return out
+
+
+def anchor_target(labels: np.ndarray, affine: np.ndarray, discs, centerline_mm: np.ndarray) -> np.ndarray:
+    """C2 and the sacrum, one binary channel."""
+    sacrum = (labels == LABELS["sacrum"]).astype(np.uint8)
+    return sacrum | c2_target(labels, affine, discs, centerline_mm)
+
+
+def target_channels(sample, targets: Sequence[str] = TARGETS) -> np.ndarray:
+    """(X, Y, Z, C) uint8 targets of a :class:`~bids_app.synth.generator.SynthSample`."""
+    chans = []
+    for name in targets:
+        if name == "cord":
+            chans.append(np.asarray(sample.cord, np.uint8))
+        elif name == "discs":
+            chans.append(disc_target(sample.cord.shape, sample.affine, sample.discs))
+        elif name == "anchors":
+            chans.append(anchor_target(sample.labels, sample.affine, sample.discs, sample.centerline_mm))
+        else:
+            raise ValueError(f"unknown training target {name!r}; expected one of {TARGETS}")
+    return np.stack(chans, axis=-1)
