@@ -203,7 +203,10 @@ def get_tools_parser() -> ArgumentParser:
     synth.add_argument("--region", nargs="+", default=None,
                        help="fields of view to draw from (e.g. whole cervical thoracic lumbosacral)")
     synth.add_argument("--contrast", nargs="+", choices=(*CONTRASTS, "random"), default=None,
-                       help="contrasts to draw from")
+                       help="contrasts to draw from (random: T2w, T1w, T2starw)")
+    synth.add_argument("--strength", type=float, default=1.0,
+                       help="deformation/size range (1 = the training ranges, > 1 beyond them; "
+                            "default: %(default)s)")
     _add_common_tool_options(synth)
 
     for name, helptext in (("train", "train a model bundle"), ("finetune", "fine-tune a bundle on labelled data")):

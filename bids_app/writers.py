@@ -78,8 +78,8 @@ def _auto_discs(ctx) -> tuple[list | None, list[Path]]:
         "TopInView": bool(auto.top_in_view),
     }
     if ident.values is None:
-        ctx.warnings.append(f"--levels auto: disc identities not found ({ident.reason}); vertebral levels "
-                            "and the split were skipped")
+        ctx.warnings.append(f"--levels auto: disc identities not found, vertebral levels and the split were "
+                            f"skipped ({ident.reason})")
         return None, []
     from bids_app.image_io import save_like
 

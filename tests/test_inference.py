@@ -251,15 +251,16 @@ BACKGROUND, CORD = 100.0, 1000.0
 SACRUM = -5000.0  # the anchor channel; discs are encoded in [-900, 100): never cord-like
 
 
-def _spine_phantom(sacrum: bool = True):
+def _spine_phantom(sacrum: bool = True, discs=SPINE_DISCS):
     """A straight lumbar + lower thoracic spine at 1.5 mm, stored L-P-S (axes 0 and 1 flipped).
 
     Cord: a tube (radius 4 mm) from the top of the view down to the conus near L1-L2. Discs
-    (values :data:`SPINE_DISCS`, template spacing) are Gaussian blobs 9 mm anterior of the cord,
+    (``discs``, at template spacing) are Gaussian blobs 9 mm anterior of the cord,
     centred on voxel centres, encoded as intensities ``100 - 1000 g``; the sacrum (optional) is
     a block 6-40 mm below L5-S1. Returns (image, cord mask, affine, {value: native voxel}).
     """
     z_mm = {v: round((620.0 - lv._TEMPLATE_POS[v - 1]) / VOXEL_MM) * VOXEL_MM for v in SPINE_DISCS}
+    z_mm = {v: z for v, z in z_mm.items() if v in discs}
     conus_z = 620.0 - float(np.interp(20.8, lv._TEMPLATE_VALUES, lv._TEMPLATE_POS))
     shape = (21, 25, 244)
     affine = np.diag([-VOXEL_MM, -VOXEL_MM, VOXEL_MM, 1.0])
@@ -279,7 +280,8 @@ def _spine_phantom(sacrum: bool = True):
         image[blob] = BACKGROUND - 1000.0 * g[blob]
         planted[value] = tuple(int(i) for i in np.rint(inv[:3, :3] @ centre + inv[:3, 3]))
     if sacrum:
-        image[(np.abs(x) <= 10) & (y >= 0) & (y <= 20) & (z <= z_mm[25] - 6.0) & (z >= z_mm[25] - 40.0)] = SACRUM
+        top = z_mm[25] - 6.0
+        image[(np.abs(x) <= 10) & (y >= 0) & (y <= 20) & (z <= top) & (z >= top - 34.0)] = SACRUM
     return image, cord, affine, planted
 
 
@@ -402,9 +404,9 @@ def _loaded(data: np.ndarray, affine: np.ndarray):
     return LoadedImage(Path("phantom.nii.gz"), img, data.astype(np.float32), affine, (VOXEL_MM,) * 3, ())
 
 
-def _spine_dataset(root: Path, sacrum: bool) -> tuple[Path, np.ndarray, dict]:
+def _spine_dataset(root: Path, sacrum: bool, discs) -> tuple[Path, np.ndarray, dict]:
     """One subject: the spine phantom (L-P-S, qform code 2, sform code 1) and its reference cord."""
-    image, cord, affine, planted = _spine_phantom(sacrum)
+    image, cord, affine, planted = _spine_phantom(sacrum, discs)
     write_dataset_description(root)
     (root / "participants.tsv").write_text("participant_id\nsub-01\n")
     img = nib.Nifti1Image(image, affine)
@@ -419,11 +421,11 @@ def _spine_dataset(root: Path, sacrum: bool) -> tuple[Path, np.ndarray, dict]:
     return root, cord, planted
 
 
-def _run_pipeline(tmp_path, tiny_bundles, centerline="spine", sacrum=True, **cfg_options):
+def _run_pipeline(tmp_path, tiny_bundles, centerline="spine", sacrum=True, discs=SPINE_DISCS, **cfg_options):
     from bids_app import pipeline
     from bids_app.config import ParticipantConfig
 
-    bids, _, planted = _spine_dataset(tmp_path / "bids", sacrum)
+    bids, _, planted = _spine_dataset(tmp_path / "bids", sacrum, discs)
     models, _ = _models(tiny_bundles, centerline=centerline, disc_heatmaps=True)
 
     def segment(loaded, cfg, reference=None):
@@ -472,11 +474,13 @@ def test_levels_auto_writes_detected_discs_and_split(tmp_path, tiny_bundles, fak
 
 
 def test_levels_auto_without_trustworthy_identities_skips(tmp_path, tiny_bundles, fake_networks):
-    summary, _, anat, sidecar, _ = _run_pipeline(tmp_path, tiny_bundles, sacrum=False, levels="auto", split=True)
+    # four thoracic discs, neither end of the spine in view: the conus alone cannot fix them
+    summary, _, anat, sidecar, _ = _run_pipeline(tmp_path, tiny_bundles, sacrum=False, discs=(19, 18, 17, 16),
+                                                 levels="auto", split=True)
     assert summary.exit_code == 0 and summary.count("ok") == 1
     levels = sidecar["Levels"]
-    assert levels["DiscSource"] == "auto" and levels["Identified"] is False
-    assert levels["SacrumInView"] is False and levels["DiscsDetected"] == len(SPINE_DISCS)
+    assert levels["DiscSource"] == "auto" and levels["Identified"] is False and levels["Confidence"] < 0.9
+    assert levels["SacrumInView"] is False and levels["DiscsDetected"] == 4
     assert any("disc identities not found" in w and levels["Reason"] in w for w in sidecar["Warnings"])
     for tail in ("label-discs_dlabel.nii.gz", "label-SC_dseg.nii.gz", "desc-discs.tsv", "desc-levels.tsv"):
         assert not (anat / f"sub-01_T2w_{tail}").exists(), tail

@@ -172,9 +172,15 @@ def test_inference_options_from_config(tmp_path):
     options = pipeline.inference_options(cfg)
     assert (options.model, options.tta, options.overlap, options.centerline_mode) == ("seg-general", True, 3,
                                                                                       "reference")
+    assert options.disc_heatmaps is False
     options = pipeline.inference_options(cfg.with_changes(centerline_file=tmp_path / "c.tsv"))
     assert options.centerline_mode == "file" and options.centerline_file == tmp_path / "c.tsv"
     assert pipeline.default_segment_fn() is pipeline.shipped_segmenter
+    # --levels auto asks for the coarse model's disc heatmaps, so its bundle is part of the identity
+    assert pipeline.inference_options(cfg.with_changes(levels="auto")).disc_heatmaps is True
+    assert set(pipeline.model_identity(cfg, None)["bundles"]) == {"segmentation"}
+    assert set(pipeline.model_identity(cfg.with_changes(levels="auto"), None)["bundles"]) == {"segmentation",
+                                                                                             "centerline"}
 
 
 def test_work_dir_receives_temporary_files(bids_two, tmp_path, monkeypatch):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from argparse import Namespace
 
 import nibabel as nib
 import numpy as np
@@ -347,10 +346,38 @@ def test_write_synthetic_bids(tmp_path, fast_samples):
     np.testing.assert_array_equal(a.affine, b.affine)
 
 
+def test_write_synthetic_bids_source_and_strength(tmp_path, fast_samples, mini_pam50, monkeypatch):
+    """source="phantom" ignores a PAM50 found through $SCT_DIR; strength reaches the generator."""
+    sct = tmp_path / "sct" / "data" / "PAM50"
+    sct.mkdir(parents=True)
+    (sct / "template").symlink_to(mini_pam50, target_is_directory=True)
+    monkeypatch.setenv("SCT_DIR", str(tmp_path / "sct"))
+
+    def written(name, **kwargs):
+        path = write_synthetic_bids(tmp_path / name, n=1, seed=4, region="lumbosacral", contrast="T2w", **kwargs)[0]
+        row = (tmp_path / name / "participants.tsv").read_text().splitlines()[1].split("\t")
+        truth = json.loads(next((tmp_path / name / "derivatives").rglob("*_label-SC_seg.json")).read_text())
+        return np.asanyarray(nib.load(path).dataobj), row[4], truth["Strength"]
+
+    _, source, strength = written("default")
+    assert (source, strength) == ("pam50", 1.0)
+    plain, source, strength = written("phantom", source="phantom")
+    assert (source, strength) == ("phantom", 1.0)
+    strong, source, strength = written("strong", source="phantom", strength=1.8)
+    assert (source, strength) == ("phantom", 1.8)
+    assert plain.shape != strong.shape or not np.array_equal(plain, strong)
+    with pytest.raises(UsageError):
+        write_synthetic_bids(tmp_path / "x", n=1, seed=0, source="elbow")
+
+
 def test_main_synth_and_usage_errors(tmp_path, fast_samples):
-    args = Namespace(out_dir=tmp_path / "o", n=1, seed=0, pam50=None, region="cervical", contrast="T1w")
+    from bids_app.cli import get_tools_parser
+
+    # the real parser's namespace (a hand-made one once hid a renamed attribute)
+    args = get_tools_parser().parse_args(["synth", str(tmp_path / "o"), "--n", "2", "--seed", "0", "--source",
+                                          "phantom", "--region", "cervical", "--contrast", "T1w", "--strength", "1.2"])
     assert main_synth(args) == 0
-    assert list((tmp_path / "o").glob("sub-*/anat/sub-*_T1w.nii.gz"))
+    assert len(list((tmp_path / "o").glob("sub-*/anat/sub-*_T1w.nii.gz"))) == 2
     with pytest.raises(UsageError):
         write_synthetic_bids(tmp_path / "x", n=0, seed=0)
     with pytest.raises(UsageError):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bids_app.errors import CannotCreateOutputError, UsageError
-from bids_app.synth.generator import REGIONS, SynthSample, generate_sample
+from bids_app.synth.generator import REGIONS, SOURCES, SynthSample, generate_sample
 from bids_app.synth.intensity import CONTRASTS
 from bids_app.synth.labels import disc_name
 
@@ -95,19 +95,35 @@ def _disc_volume(sample: SynthSample) -> np.ndarray:
     return out
 
 
-def write_synthetic_bids(out_dir, n: int, seed: int, pam50_dir=None, region: str | None = None,
-                         contrast: str | None = None) -> list[Path]:
+def _choices(value, known, what: str) -> list[str] | None:
+    """None, one name or a list of names (drawn from per subject), each checked against ``known``."""
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else list(value)
+    for name in names:
+        if name not in known:
+            raise UsageError(f"unknown {what} {name!r}; choose from {', '.join(known)}")
+    return names or None
+
+
+def write_synthetic_bids(out_dir, n: int, seed: int, pam50_dir=None, region=None,
+                         contrast=None, *, source: str = "pam50",
+                         strength: float = 1.0) -> list[Path]:
     """Write ``n`` synthetic subjects to the BIDS folder ``out_dir``; returns the image paths.
 
-    PAM50 label maps are used when ``pam50_dir`` is given (or ``$SCT_DIR`` has them), the
-    procedural phantom otherwise.  Subject ``i`` uses the seed ``seed * 100003 + i``.
+    With ``source="pam50"`` PAM50 label maps are used when ``pam50_dir`` is given (or
+    ``$SCT_DIR`` has them), the procedural phantom otherwise; ``source="phantom"`` always uses
+    the phantom.  ``strength`` scales the deformation/size ranges (1 = training ranges, > 1
+    reaches outside them).  Subject ``i`` uses the seed ``seed * 100003 + i``. ``region`` and
+    ``contrast`` are one name or a list of names drawn from per subject (None: the engine's mix;
+    contrast: T2w, T1w or T2starw).
     """
+    if source not in SOURCES:
+        raise UsageError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
-    if region is not None and region not in REGIONS:
-        raise UsageError(f"unknown region {region!r}; choose from {', '.join(REGIONS)}")
-    if contrast is not None and contrast not in CONTRASTS:
-        raise UsageError(f"unknown contrast {contrast!r}; choose from {', '.join(CONTRASTS)}")
+    regions = _choices(region, REGIONS, "region")
+    contrasts = _choices(contrast, CONTRASTS, "contrast")
     root = Path(out_dir)
     labels_root = root / "derivatives" / "labels"
     try:
@@ -138,8 +154,6 @@ def write_synthetic_bids(out_dir, n: int, seed: int, pam50_dir=None, region: str
         "contrast": {"Description": "intensity preset"},
         "source": {"Description": "label-map source: pam50 or phantom"},
     })
-    # "pam50" falls back to $SCT_DIR's PAM50, then to the phantom, when no folder is given
-    source = "pam50"
     rows = ["participant_id\tseed\tregion\tcontrast\tsource"]
     paths = []
     width = max(3, len(str(n)))
@@ -147,8 +161,10 @@ def write_synthetic_bids(out_dir, n: int, seed: int, pam50_dir=None, region: str
         sub = f"sub-{i + 1:0{width}d}"
         sseed = int(seed) * 100003 + i
         pick = np.random.default_rng(sseed + 2)
-        ci = contrast if contrast is not None else str(pick.choice(["T2w", "T1w", "T2starw"]))
-        sample = generate_sample(sseed, source=source, pam50_dir=pam50_dir, region=region, contrast=ci)
+        ci = str(pick.choice(contrasts if contrasts else ["T2w", "T1w", "T2starw"]))
+        ri = None if regions is None else str(regions[int(pick.integers(len(regions)))])
+        sample = generate_sample(sseed, source=source, pam50_dir=pam50_dir, region=ri, contrast=ci,
+                                 strength=strength)
         suffix = SUFFIX[sample.contrast]
         rng = np.random.default_rng(sseed + 1)
         perm, flips = random_orientation(rng)
@@ -175,7 +191,7 @@ def write_synthetic_bids(out_dir, n: int, seed: int, pam50_dir=None, region: str
             "Sources": [f"bids::{sub}/anat/{image_path.name}"],
             "SpatialReference": f"bids::{sub}/anat/{image_path.name}",
             "Description": "synthetic truth",
-            "Region": sample.region, "Contrast": sample.contrast, "Seed": sseed,
+            "Region": sample.region, "Contrast": sample.contrast, "Seed": sseed, "Strength": float(strength),
             "ConusTipMm": None if sample.conus_tip_mm is None else [round(float(v), 3) for v in sample.conus_tip_mm],
             "Discs": {disc_name(v): [round(float(c), 3) for c in xyz] for v, xyz in sample.discs},
         })
@@ -192,11 +208,17 @@ def write_synthetic_bids(out_dir, n: int, seed: int, pam50_dir=None, region: str
 def main_synth(args) -> int:
     """Entry point of ``conus synth OUT_DIR --n N --seed S [--pam50 DIR] [--region R] [--contrast C]``.
 
-    ``args`` is the parsed namespace (``out_dir``, ``n``, ``seed``, ``pam50``, ``region``,
-    ``contrast``).  Returns 0; errors are raised as ``bids_app.errors`` exceptions.
+    ``args`` is the namespace of ``cli.get_tools_parser()`` (``output_dir``, ``n``, ``seed``,
+    ``pam50``, ``source``, ``strength``, ``region`` and ``contrast`` lists). Returns 0; errors are
+    raised as ``bids_app.errors`` exceptions.
     """
-    pam50 = getattr(args, "pam50", None)
-    paths = write_synthetic_bids(args.out_dir, n=int(args.n), seed=int(args.seed), pam50_dir=pam50,
-                                 region=getattr(args, "region", None), contrast=getattr(args, "contrast", None))
-    print(f"wrote {len(paths)} synthetic subjects to {args.out_dir}")
+    from bids_app.training.train import default_pam50
+
+    pam50 = default_pam50(getattr(args, "pam50", None))
+    source = args.source or "pam50"
+    contrast = [c for c in (args.contrast or []) if c != "random"] or None
+    paths = write_synthetic_bids(args.output_dir, n=int(args.n), seed=int(args.seed), pam50_dir=pam50,
+                                 region=args.region, contrast=contrast, source=source,
+                                 strength=float(args.strength))
+    print(f"wrote {len(paths)} synthetic subjects to {args.output_dir}")
     return 0

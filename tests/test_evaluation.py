@@ -1,0 +1,70 @@
+"""Pure helpers of the evaluation scripts (evaluation/ is not a package: loaded from its file)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EVALUATION = Path(__file__).resolve().parent.parent / "evaluation"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"evaluation_{name}", EVALUATION / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def proof():
+    return _load("finetune_proof")
+
+
+def test_parse_family_presets_and_overrides(proof):
+    default = proof.parse_family(proof.DEFAULT_FAMILY)
+    assert default == {**proof.FAMILIES[proof.DEFAULT_FAMILY], "name": proof.DEFAULT_FAMILY}
+    assert default["strength"] > 1.0                      # outside the training range by default
+    spec = proof.parse_family("strength=2.2, contrast=T1w")
+    assert spec["strength"] == 2.2 and spec["contrast"] == "T1w" and spec["region"] == "lumbosacral"
+    assert spec["name"] == f"{proof.DEFAULT_FAMILY},strength=2.2,contrast=T1w"
+    assert proof.parse_family("lumbosacral-phantom-strong-t1,contrast=none")["contrast"] is None
+    for bad in ("elbow", "region=elbow", "strength=-1", "contrast=PD", "colour=red", "strength"):
+        with pytest.raises(ValueError):
+            proof.parse_family(bad)
+
+
+def test_dataset_seeds_never_share_subject_seeds(proof):
+    seeds = [s for seed in range(4) for s in proof.dataset_seeds(seed)]
+    assert len(set(seeds)) == len(seeds)
+    # conus synth: subject i of dataset seed d has seed d * 100003 + i (and uses +1, +2)
+    subjects = [{d * 100003 + i + k for i in range(50) for k in range(3)} for d in seeds]
+    assert all(not (a & b) for i, a in enumerate(subjects) for b in subjects[i + 1:])
+    assert min(seeds) * 100003 > 5_000_000               # beyond training and held-out crop seeds
+
+
+def test_paired_summary(proof):
+    before = {"a": 0.5, "b": 0.6, "c": 0.7, "d": 0.8, "e": None}
+    after = {"a": 0.7, "b": 0.6, "c": 0.6, "d": 0.9, "e": 0.9, "f": 0.1}
+    s = proof.paired_summary(before, after)
+    assert s["n"] == 4 and s["runs"] == ["a", "b", "c", "d"]     # only cases scored on both sides
+    assert (s["n_improved"], s["n_worse"], s["n_equal"]) == (2, 1, 1)
+    assert s["mean_before"] == pytest.approx(0.65) and s["mean_after"] == pytest.approx(0.7)
+    assert s["mean_diff"] == pytest.approx(0.05) and s["median_diff"] == pytest.approx(0.05)
+    assert 0.0 < s["wilcoxon_p"] <= 1.0
+    same = proof.paired_summary({"a": 0.5, "b": 0.4}, {"a": 0.5, "b": 0.4})
+    assert same["mean_diff"] == 0.0 and same["wilcoxon_p"] is None
+    assert proof.paired_summary({"a": float("nan")}, {"a": 0.3}) == {"n": 0, "runs": []}
+
+
+def test_markdown_report_lists_every_case(proof):
+    runs_b = {"sub-001_T2w": {"contrast": "T2w", "dice": 0.5, "dice_lumbosacral": None}}
+    runs_a = {"sub-001_T2w": {"contrast": "T2w", "dice": 0.75, "dice_lumbosacral": 0.7}}
+    result = {"family": proof.parse_family(proof.DEFAULT_FAMILY), "base": {"runs": runs_b},
+              "finetuned": {"runs": runs_a},
+              "summary": {"dice": proof.paired_summary({"x": 0.5}, {"x": 0.75}),
+                          "dice_lumbosacral": proof.paired_summary({}, {})}}
+    text = proof.markdown_report(result)
+    assert "| sub-001_T2w | T2w | 0.5000 | 0.7500 | +0.2500 | n/a | 0.7000 |" in text
+    assert "| dice | 1 | 0.5000 | 0.7500 |" in text and "| dice_lumbosacral | 0 |" in text

@@ -1,0 +1,171 @@
+"""The coarse multi-output "spine" model: training targets, warm start, schedule, whole-view evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from bids_app import levels as lv
+from bids_app.synth import generate_sample
+from bids_app.synth.labels import LABELS
+from bids_app.synth.targets import DISC_RADIUS_MM, balls, disc_target, target_channels
+from bids_app.training.dataset import TASKS, PatchProducer, StreamConfig, TaskConfig, build_set
+from bids_app.training.train import Recipe, configure_tensorflow, cosine_lr, run_training, warm_start
+
+SPACING = (1.5, 1.5, 1.5)
+
+
+@pytest.fixture(scope="module")
+def whole_view():
+    """A procedural phantom covering the whole spine (C2 to the sacrum), no data needed."""
+    return generate_sample(11, source="phantom", region="whole", spacing=SPACING)
+
+
+def test_balls_have_their_radius_in_mm_on_anisotropic_grids():
+    affine = np.diag([0.5, 1.0, 2.0, 1.0])
+    out = balls((80, 40, 20), affine, np.array([[20.0, 20.0, 20.0]]), 4.0)
+    idx = np.argwhere(out)
+    mm = idx * [0.5, 1.0, 2.0]
+    assert np.linalg.norm(mm - 20.0, axis=1).max() <= 4.0
+    assert out[40, 20, 10] == 1 and out[40, 20, 12] == 1 and out[40, 20, 13] == 0   # 4 mm in, 6 mm out
+    # volume close to the continuous ball (4/3 pi r^3 = 268 mm^3)
+    assert abs(out.sum() * 1.0 - 4 / 3 * np.pi * 4.0**3) < 0.2 * 268
+
+
+def test_disc_target_marks_only_visible_discs(whole_view):
+    s = whole_view
+    target = disc_target(s.cord.shape, s.affine, s.discs)
+    inv = np.linalg.inv(s.affine)
+    for value, point in s.discs:
+        vox = np.round(inv[:3, :3] @ point + inv[:3, 3]).astype(int)
+        if not np.all((vox >= 0) & (vox < s.cord.shape)):
+            continue
+        assert target[tuple(vox)] == (1 if 3 <= value <= 25 else 0), value
+    n_visible = sum(3 <= v <= 25 for v, _ in s.discs)
+    assert ndimage.label(target)[1] == n_visible
+    assert target.sum() * np.prod(SPACING) < n_visible * 4 / 3 * np.pi * (DISC_RADIUS_MM + 1.5) ** 3
+
+
+def test_anchor_target_is_c2_and_sacrum(whole_view):
+    s = whole_view
+    y = target_channels(s)
+    assert y.shape == (*s.cord.shape, 3) and y.dtype == np.uint8
+    np.testing.assert_array_equal(y[..., 0], s.cord)
+    anchors = y[..., 2].astype(bool)
+    assert np.all(anchors[s.labels == LABELS["sacrum"]])
+    c2 = anchors & (s.labels != LABELS["sacrum"])
+    assert c2.any(), "the top of the spine is in view: C2 must be an anchor"
+    z_c23 = (np.linalg.inv(s.affine) @ [*dict(s.discs)[3], 1.0])[2]
+    assert np.argwhere(c2)[:, 2].min() >= z_c23 - 2   # C2 lies above the C2-C3 disc
+    # a view without the C2-C3 disc has no C2 anchor
+    low = generate_sample(12, source="phantom", region="lumbosacral", spacing=SPACING)
+    assert 3 not in dict(low.discs)
+    yl = target_channels(low)
+    assert not (yl[..., 2].astype(bool) & (low.labels != LABELS["sacrum"])).any()
+
+
+def _perfect_heatmaps(sample):
+    """The truth as a perfect model would predict it: the cord mask itself, discs and anchors
+    slightly blurred (peaks to find)."""
+    y = target_channels(sample).astype(np.float32)
+    return np.stack([y[..., 0]] + [ndimage.gaussian_filter(y[..., c], 1.0) for c in (1, 2)], axis=-1)
+
+
+def test_discs_from_perfect_heatmaps_are_identified(whole_view):
+    s = whole_view
+    heat = _perfect_heatmaps(s)
+    auto = lv.discs_from_heatmaps(heat[..., 1], heat[..., 2], s.affine, s.centerline_mm, s.conus_tip_mm)
+    assert auto.top_in_view
+    assert auto.identification.values is not None, auto.identification.reason
+    truth = {v: p for v, p in s.discs if 3 <= v <= 25}
+    for value, point in zip(auto.identification.values, auto.points_mm, strict=True):
+        assert np.linalg.norm(point - truth[value]) < 3.0, value
+    labels = auto.labels(s.affine)
+    assert sorted(d.value for d in labels) == sorted(auto.identification.values)
+
+
+def test_discs_from_heatmaps_without_anchor_or_discs():
+    heat = np.zeros((20, 20, 60), np.float32)
+    auto = lv.discs_from_heatmaps(heat, heat, np.eye(4))
+    assert auto.identification.values is None and "no discs" in auto.identification.reason
+    assert auto.labels(np.eye(4)) == []
+
+
+def test_cosine_schedule_ends_at_min_lr():
+    r = Recipe(max_seconds=1000.0, min_lr=1e-6)
+    start = {"seconds": 200.0, "lr": 5e-4}
+    assert cosine_lr(start, 200.0, r) == pytest.approx(5e-4)
+    assert cosine_lr(start, 600.0, r) == pytest.approx((5e-4 + 1e-6) / 2)
+    assert cosine_lr(start, 1000.0, r) == pytest.approx(1e-6)
+    assert cosine_lr(start, 5000.0, r) == pytest.approx(1e-6)
+    assert cosine_lr(start, 100.0, Recipe(max_seconds=None)) == 5e-4
+
+
+def test_warm_start_copies_layers_and_the_first_output_channels():
+    from bids_app.training.networks import unet3d
+
+    configure_tensorflow(1, 0)
+    one = unet3d(base_filters=4, depth=2, norm="instance", outputs=1)
+    three = unet3d(base_filters=4, depth=2, norm="instance", outputs=3)
+    copied = warm_start(three, one)
+    assert "output" in copied and "enc1_conv1" in copied
+    k1, k3 = one.get_layer("output").get_weights()[0], three.get_layer("output").get_weights()[0]
+    np.testing.assert_array_equal(k3[..., :1], k1)
+    x = np.random.default_rng(0).normal(size=(1, 16, 16, 16, 1)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(three(x))[..., 0], np.asarray(one(x))[..., 0], atol=1e-6)
+
+
+def _two_channel_source(seed):
+    """Bright tube (channel 0) with two bright discs (channel 1) on noise."""
+    rng = np.random.default_rng(seed)
+    shape = (16, 16, 16)
+    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    tube = ((x - 8) ** 2 + (y - 8) ** 2 <= 6).astype(np.uint8)
+    discs = (((x - 8) ** 2 + (y - 12) ** 2 + (z - 4) ** 2 <= 5) | ((x - 8) ** 2 + (y - 12) ** 2 + (z - 12) ** 2 <= 5))
+    image = 100 + 5 * rng.standard_normal(shape) + 50 * tube + 80 * discs
+    return image.astype(np.float32), np.stack([tube, discs.astype(np.uint8)], -1), {"region": "toy"}
+
+
+def test_multi_output_training_learns_both_channels(tmp_path):
+    from bids_app.training.networks import unet3d
+
+    configure_tensorflow(1, 0)
+    task = TaskConfig(task="spine", spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16), targets=("cord", "discs"))
+    val = build_set(PatchProducer(_two_channel_source, workers=0), range(1_000_000, 1_000_002))
+    assert val["mask"].shape == (2, 16, 16, 16, 2)
+    stream = StreamConfig(batch_size=2, steps_per_epoch=8, reuse=2, chunk=4, seed=1)
+    recipe = Recipe(lr=5e-3, epochs=4, threads=1, workers=0, stream=stream)
+    model = unet3d(base_filters=4, depth=2, norm="instance", outputs=2)
+    result = run_training(model, recipe, PatchProducer(_two_channel_source, workers=0), task, val, tmp_path / "run",
+                          progress=False)
+    last = result.history[-1]
+    assert last["loss"] < result.history[0]["loss"]
+    assert "dice_pooled_discs" in last and np.isfinite(last["dice_pooled_discs"])
+    # both channels learn: each output is higher inside its own target than outside it
+    from bids_app.training.train import predict_patches
+
+    probs = predict_patches(result.model, val["image"], None)
+    assert probs.shape == val["mask"].shape
+    for c in range(2):
+        inside, outside = probs[..., c][val["mask"][..., c] > 0], probs[..., c][val["mask"][..., c] == 0]
+        assert inside.mean() > outside.mean() + 0.1, c
+    assert TASKS["spine"].targets == ("cord", "discs", "anchors") and TASKS["spine"].multi_target
+
+
+def test_whole_view_evaluation_of_a_perfect_model(whole_view, monkeypatch):
+    """With heatmaps equal to the (blurred) truth, the metrics must say: centerline and discs exact."""
+    from bids_app import segment
+    from bids_app.training import view_eval
+
+    heat = _perfect_heatmaps(whole_view)
+    monkeypatch.setattr(segment, "sliding_window_predict", lambda *a, **k: heat)
+    row = view_eval.evaluate_view(None, whole_view, ("cord", "discs", "anchors"), (64, 64, 64))
+    assert row["cord_found"] and row["centerline_mean_mm"] < 1.5
+    assert row["conus_tip_error_mm"] is not None and row["conus_tip_error_mm"] < 5.0
+    assert row["identified"] and row["discs_matched"] >= row["discs_true"] - 1
+    assert max(row["disc_errors_mm"]) < 3.0
+    assert row["identities_correct"] >= row["discs_true"] - 1
+    summary = view_eval.summarise([row])
+    assert summary["identities_correct_rate"] >= (row["discs_true"] - 1) / row["discs_true"]
+    assert summary["cord_found_rate"] == 1.0
