@@ -69,6 +69,8 @@ class InferenceOptions:
     # and fall back to the whole image, within ``fallback_windows``, when it finds no cord
     whole_image_windows: int = 64
     fallback_windows: int = 400
+    # the crop's sliding windows only run within this distance of the (extended) centerline
+    roi_radius_mm: float = 12.0
     # --levels auto: make sure the disc and anchor heatmaps are computed when the centerline
     # bundle predicts them, even if the centerline itself did not need the coarse model
     disc_heatmaps: bool = False
@@ -197,6 +199,23 @@ def _crop_affine(affine: np.ndarray, box: CropBox) -> np.ndarray:
     return affine @ shift
 
 
+def tube_roi(points_vox: np.ndarray, shape, spacing, extend_mm: float, radius_mm: float) -> np.ndarray:
+    """Boolean mask of the voxels within ``radius_mm`` (a box, per axis) of the centerline
+    extended ``extend_mm`` beyond both ends: the sliding window only runs where this is set, so
+    a curved cord's crop box does not cost windows far from the cord."""
+    from bids_app.geometry import extend_polyline
+
+    pts = extend_polyline(np.asarray(points_vox, float), spacing, extend_mm)
+    reach = np.ceil(radius_mm / np.asarray(spacing, float)).astype(int)
+    roi = np.zeros(tuple(int(v) for v in shape), dtype=bool)
+    for p in np.round(pts).astype(int):
+        lo = np.maximum(p - reach, 0)
+        hi = np.minimum(p + reach + 1, roi.shape)
+        if np.all(hi > lo):
+            roi[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+    return roi
+
+
 def _segment_crop(work, waff, centre: cl.Centerline, models: Models, options: InferenceOptions):
     """Probabilities on the working grid from the segmentation model run on a crop."""
     bundle = models.segmentation
@@ -208,8 +227,10 @@ def _segment_crop(work, waff, centre: cl.Centerline, models: Models, options: In
     caff = _crop_affine(faff, box)
     background = float(np.percentile(work, 1.0))
     crop = resample_to_grid(work, waff, box.shape, caff, order=1, cval=background)
+    roi = tube_roi(pts - np.asarray(box.start), box.shape, bundle.spacing, options.crop_extension_mm,
+                   options.roi_radius_mm)
     prob = sliding_window_predict(crop, models.predict_fn("segmentation"), bundle.patch_size,
-                                  options.overlap, options.tta, pad_value=background)
+                                  options.overlap, options.tta, pad_value=background, roi=roi)
     return resample_to_grid(prob, caff, work.shape, waff, order=1, cval=0.0)
 
 

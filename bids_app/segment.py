@@ -128,8 +128,12 @@ def sliding_window_predict(
     batch_size: int = 4,
     blend: str = "gaussian",
     pad_value: float | None = None,
+    roi: np.ndarray | None = None,
 ) -> np.ndarray:
     """Predict a whole 3-D ``volume`` window by window and blend the overlapping windows.
+
+    ``roi`` (boolean, the volume's shape) restricts the work to the windows that contain at
+    least one ROI voxel; voxels no predicted window covers get probability 0.
 
     ``overlap`` is voxels (int) or a fraction of the patch (float). ``blend`` is "gaussian"
     (centre-weighted) or "mean". Axes shorter than the patch are padded symmetrically with
@@ -157,11 +161,19 @@ def sliding_window_predict(
 
     starts = [window_starts(padded.shape[a], patch[a], ov[a]) for a in range(3)]
     corners = [(i, j, k) for i in starts[0] for j in starts[1] for k in starts[2]]
+    if roi is not None:
+        roi = np.asarray(roi, dtype=bool)
+        if roi.shape != vol.shape:
+            raise UsageError(f"roi shape {roi.shape} differs from the volume's {vol.shape}")
+        proi = np.pad(roi, list(zip(pad_before, pad_after, strict=True)), constant_values=False)
+        corners = [c for c in corners if proi[c[0]:c[0] + patch[0], c[1]:c[1] + patch[1], c[2]:c[2] + patch[2]].any()]
     weight = gaussian_weight(patch) if blend == "gaussian" else np.ones(patch, dtype=np.float64)
     fn = flip_tta(predict_fn) if tta else predict_fn
 
     acc = None  # (X, Y, Z, C), allocated once the first prediction tells C
     norm = np.zeros(padded.shape, dtype=np.float64)
+    if not corners:  # an ROI without voxels: nothing to predict
+        return np.zeros(vol.shape, dtype=np.float32)
     for b0 in range(0, len(corners), batch_size):
         group = corners[b0 : b0 + batch_size]
         batch = np.stack(
@@ -178,7 +190,7 @@ def sliding_window_predict(
             sl = (slice(i, i + patch[0]), slice(j, j + patch[1]), slice(k, k + patch[2]))
             acc[sl] += p * weight[..., None]
             norm[sl] += weight
-    out = acc / norm[..., None]
+    out = np.divide(acc, norm[..., None], out=np.zeros_like(acc), where=norm[..., None] > 0)
     crop = tuple(slice(b, b + s) for b, s in zip(pad_before, vol.shape, strict=True))
     out = np.clip(out[crop], 0.0, 1.0).astype(np.float32)
     return np.ascontiguousarray(out[..., 0]) if out.shape[3] == 1 else out

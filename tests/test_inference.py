@@ -494,3 +494,14 @@ def test_levels_auto_with_one_channel_centerline_model_warns(tmp_path, tiny_bund
     assert sidecar["Levels"]["DiscSource"] is None
     assert not (anat / "sub-01_T2w_label-discs_dlabel.nii.gz").exists()
     assert not (anat / "sub-01_T2w_desc-levels.tsv").exists()
+
+
+def test_tube_roi_covers_the_extended_centerline_only():
+    from bids_app.inference import tube_roi
+
+    pts = np.stack([np.full(41, 30.0), np.linspace(10, 50, 41), np.arange(40, 81, dtype=float)], 1)
+    roi = tube_roi(pts, (60, 80, 140), (0.5, 0.5, 1.0), extend_mm=20.0, radius_mm=5.0)
+    assert roi[30, 10, 40] and roi[30, 50, 80]
+    assert roi[30, 30, 60] and roi[30 + 10, 30, 60] and not roi[30 + 11, 30, 60]   # 5 mm = 10 voxels in x
+    assert roi[30, 10 - 10, 20] and not roi[30, 10, 10]       # the extension follows the oblique end direction
+    assert not roi[5, 70, 40]

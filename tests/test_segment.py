@@ -197,3 +197,28 @@ def test_normalisation():
     np.testing.assert_allclose(nb[0], nb[1], atol=1e-4)  # affine intensity changes vanish
     with pytest.raises(UsageError):
         normalise_intensity(vol, {"method": "minmax"})
+
+
+def test_roi_skips_windows_without_roi_voxels():
+    calls = []
+
+    def predict(batch):
+        calls.append(len(batch))
+        return np.full(batch.shape, 0.7, dtype=np.float32)
+
+    vol = np.zeros((40, 40, 40), np.float32)
+    full = sliding_window_predict(vol, predict, (16, 16, 16), overlap=8)
+    n_full = sum(calls)
+    calls.clear()
+    roi = np.zeros(vol.shape, bool)
+    roi[2:6, 2:6, 2:6] = True
+    part = sliding_window_predict(vol, predict, (16, 16, 16), overlap=8, roi=roi)
+    assert 0 < sum(calls) < n_full
+    np.testing.assert_allclose(part[roi], full[roi])
+    assert np.all(part[30:, 30:, 30:] == 0)          # no window reached there
+    calls.clear()
+    same = sliding_window_predict(vol, predict, (16, 16, 16), overlap=8, roi=np.ones(vol.shape, bool))
+    assert sum(calls) == n_full and np.array_equal(same, full)
+    assert not sliding_window_predict(vol, predict, (16, 16, 16), roi=np.zeros(vol.shape, bool)).any()
+    with pytest.raises(UsageError):
+        sliding_window_predict(vol, predict, (16, 16, 16), roi=np.ones((3, 3, 3), bool))
