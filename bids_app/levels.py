@@ -957,20 +957,112 @@ def _anchor_blobs(anchor_heat: np.ndarray, affine: np.ndarray, threshold: float,
     return blobs
 
 
+#: distance (mm) from a disc's posterior edge to the canal axis below the conus, measured on the
+#: synthetic engine's label maps (PAM50 and phantom); above the conus the cord itself is used
+EDGE_TO_CANAL_MM = 14.5
+
+
+def _chain_tangents(points: np.ndarray) -> np.ndarray:
+    """Unit tangents of the chain of disc centres (ordered inferior first); +z for a single disc."""
+    n = len(points)
+    if n < 2:
+        return np.tile([0.0, 0.0, 1.0], (n, 1))
+    t = np.gradient(points, axis=0)
+    return t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-9)
+
+
+def _posterior(tangent: np.ndarray) -> np.ndarray:
+    """The posterior direction (RAS -y) made perpendicular to ``tangent``."""
+    back = np.array([0.0, -1.0, 0.0])
+    u = back - np.dot(back, tangent) * tangent
+    return u / max(float(np.linalg.norm(u)), 1e-9)
+
+
+def disc_points_from_probability(
+    prob: np.ndarray, affine: np.ndarray, centerline=None, *, threshold: float = 0.5,
+    min_volume_mm3: float = 150.0, min_separation_mm: float = 8.0, max_cord_distance_mm: float = 45.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Disc points from a disc-tissue probability map: ``(points_mm (K, 3), scores (K,))``, inferior first.
+
+    Each connected blob above ``threshold`` of at least ``min_volume_mm3`` is one disc (of two
+    blobs closer than ``min_separation_mm`` along the spine, one disc split in two, the larger
+    is kept); the score is its mean probability. The SCT convention puts disc labels on the
+    canal axis, so each blob is moved there:
+
+    - within the cord's extent: the centerline point closest to the blob's centre (blobs
+      farther than ``max_cord_distance_mm`` from the cord are dropped);
+    - beyond it (below the conus, where no cord marks the canal) and without a centerline:
+      :data:`EDGE_TO_CANAL_MM` behind the blob's posterior edge (95th percentile along the
+      posterior direction, made perpendicular to the chain of disc centres). The cord is not
+      used to calibrate this: it may lie off the canal axis (supine scans).
+    """
+    prob = np.nan_to_num(np.asarray(prob, dtype=np.float32))
+    if prob.ndim != 3:
+        raise BadDataError(f"a disc probability map must be 3-D, got shape {prob.shape}")
+    aff = np.asarray(affine, dtype=float)
+    voxel_mm3 = float(abs(np.linalg.det(aff[:3, :3])))
+    lab, n = ndimage.label(prob >= threshold)
+    blobs, centres, scores = [], [], []
+    for i, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        idx = np.argwhere(lab[sl] == i) + [s.start for s in sl]
+        if len(idx) * voxel_mm3 < min_volume_mm3:
+            continue
+        w = prob[tuple(idx.T)].astype(float)
+        mm = idx @ aff[:3, :3].T + aff[:3, 3]
+        blobs.append(mm)
+        centres.append((mm * w[:, None]).sum(0) / w.sum())
+        scores.append(float(w.mean()))
+    if not blobs:
+        return np.zeros((0, 3)), np.zeros(0)
+    centres, scores = np.asarray(centres), np.asarray(scores)
+    volume = np.array([len(b) for b in blobs], float)
+    line = _centerline_mm(centerline) if centerline is not None else None
+    key = _closest_on_polyline(centres, line, extrapolate=True)[0] if line is not None else centres[:, 2]
+    order = np.argsort(key, kind="stable")
+    centres, scores, volume, blobs = centres[order], scores[order], volume[order], [blobs[i] for i in order]
+    # one disc split in two: keep the larger blob
+    along = _arc_lengths(centres) if len(centres) > 1 else np.zeros(1)
+    kept: list[int] = []
+    for i in np.argsort(-volume, kind="stable"):
+        if all(abs(along[i] - along[j]) >= min_separation_mm for j in kept):
+            kept.append(int(i))
+    kept.sort()
+    centres, scores, blobs = centres[kept], scores[kept], [blobs[i] for i in kept]
+
+    tangents = _chain_tangents(centres)
+    edge = np.array([np.percentile((b - c) @ _posterior(t), 95) for b, c, t in zip(blobs, centres, tangents,
+                                                                                   strict=True)])
+    points = centres.copy()
+    anchored = np.zeros(len(centres), dtype=bool)
+    inside = np.zeros(len(centres), dtype=bool)
+    if line is not None:
+        position, dist, closest = _closest_on_polyline(centres, line, extrapolate=True)
+        arcs = _arc_lengths(line)
+        inside = (position >= arcs[0]) & (position <= arcs[-1])
+        anchored = inside & (dist <= max_cord_distance_mm)
+        points[anchored] = closest[anchored]
+    for i in np.flatnonzero(~inside):
+        points[i] = centres[i] + (edge[i] + EDGE_TO_CANAL_MM) * _posterior(tangents[i])
+    ok = anchored | ~inside
+    return points[ok].reshape(-1, 3), scores[ok]
+
+
 def discs_from_heatmaps(
     disc_heat: np.ndarray, anchor_heat: np.ndarray | None, affine: np.ndarray, centerline=None,
-    conus_tip_mm: np.ndarray | None = None, *, threshold: float = 0.3, anchor_threshold: float = 0.5,
+    conus_tip_mm: np.ndarray | None = None, *, threshold: float = 0.5, anchor_threshold: float = 0.5,
     min_anchor_mm3: float = 300.0, anchor_gap_mm: float = 15.0, config: IdentifyConfig = IdentifyConfig(),
 ) -> AutoDiscs:
-    """Detected and identified discs from the disc and anchor heatmaps (same grid, ``affine``).
+    """Detected and identified discs from the disc-tissue and anchor maps (same grid, ``affine``).
 
-    Discs are the peaks of ``disc_heat`` (:func:`detect_discs_from_heatmap`). An anchor blob
+    Discs are the blobs of ``disc_heat`` (:func:`disc_points_from_probability`). An anchor blob
     (C2 or the sacrum) of at least ``min_anchor_mm3`` that starts within ``anchor_gap_mm`` below
     the lowest disc (along the line through the discs) means the sacrum is in view; one that
     starts within that distance above the highest disc means the top of the spine (C2) is.
     Identities then come from :func:`identify_discs`.
     """
-    points, scores = detect_discs_from_heatmap(disc_heat, affine, centerline, threshold=threshold)
+    points, scores = disc_points_from_probability(disc_heat, affine, centerline, threshold=threshold)
     sacrum = top = False
     if anchor_heat is not None and len(points):
         line = points if len(points) > 1 else np.vstack([points[0] - [0, 0, 1.0], points[0]])

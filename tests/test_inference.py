@@ -255,8 +255,9 @@ def _spine_phantom(sacrum: bool = True, discs=SPINE_DISCS):
     """A straight lumbar + lower thoracic spine at 1.5 mm, stored L-P-S (axes 0 and 1 flipped).
 
     Cord: a tube (radius 4 mm) from the top of the view down to the conus near L1-L2. Discs
-    (``discs``, at template spacing) are Gaussian blobs 9 mm anterior of the cord,
-    centred on voxel centres, encoded as intensities ``100 - 1000 g``; the sacrum (optional) is
+    (``discs``, at template spacing) are Gaussian blobs (sd 4 mm, cut at 0.3) 15 mm anterior of
+    the cord, centred on voxel centres, encoded as intensities ``100 - 1000 g``; their expected
+    labels are the cord points at their level. The sacrum (optional) is
     a block 6-40 mm below L5-S1. Returns (image, cord mask, affine, {value: native voxel}).
     """
     z_mm = {v: round((620.0 - lv._TEMPLATE_POS[v - 1]) / VOXEL_MM) * VOXEL_MM for v in SPINE_DISCS}
@@ -274,11 +275,12 @@ def _spine_phantom(sacrum: bool = True, discs=SPINE_DISCS):
     inv = np.linalg.inv(affine)
     planted = {}
     for value, zv in z_mm.items():
-        centre = np.array([0.0, 9.0, zv])
-        g = np.exp(-((mm - centre) ** 2).sum(axis=-1) / (2 * 2.5**2))
-        blob = g > 0.01
+        centre = np.array([0.0, 15.0, zv])
+        g = np.exp(-((mm - centre) ** 2).sum(axis=-1) / (2 * 4.0**2))
+        blob = g > 0.3
         image[blob] = BACKGROUND - 1000.0 * g[blob]
-        planted[value] = tuple(int(i) for i in np.rint(inv[:3, :3] @ centre + inv[:3, 3]))
+        # SCT convention: the disc's label lies on the cord, at the disc's level
+        planted[value] = tuple(int(i) for i in np.rint(inv[:3, :3] @ np.array([0.0, 0.0, zv]) + inv[:3, 3]))
     if sacrum:
         top = z_mm[25] - 6.0
         image[(np.abs(x) <= 10) & (y >= 0) & (y <= 20) & (z <= top) & (z >= top - 34.0)] = SACRUM
@@ -376,7 +378,7 @@ def test_coarse_run_keeps_disc_heatmaps(tiny_bundles, fake_networks):
     peak = np.asarray(np.unravel_index(np.argmax(heat["discs"]), heat["discs"].shape), float)
     peak_mm = heat["affine"][:3, :3] @ peak + heat["affine"][:3, 3]
     planted_mm = [affine[:3, :3] @ np.array(v, float) + affine[:3, 3] for v in planted.values()]
-    assert min(np.linalg.norm(peak_mm - p) for p in planted_mm) < 1e-6
+    assert min(np.linalg.norm(peak_mm - (p + [0.0, 15.0, 0.0])) for p in planted_mm) < 1e-6   # a disc centre
     assert heat["anchors"].max() == 1.0 and heat["discs"].max() == pytest.approx(1.0)
     # a one-channel centerline bundle keeps no heatmaps
     models, options = _models(tiny_bundles, centerline="centerline", disc_heatmaps=True)
@@ -451,10 +453,13 @@ def test_levels_auto_writes_detected_discs_and_split(tmp_path, tiny_bundles, fak
         assert np.array_equal(dlabel.header[name], src.header[name]), name
     assert dlabel.shape == src.shape and dlabel.get_data_dtype() == np.uint8
     written = np.asarray(dlabel.dataobj)
-    expected = np.zeros(src.shape, np.uint8)
-    for value, voxel in planted.items():
-        expected[voxel] = value
-    assert np.array_equal(written, expected)   # every planted disc, at its voxel, with its value
+    found = {int(written[tuple(v)]): tuple(v) for v in np.argwhere(written > 0)}
+    assert sorted(found) == sorted(planted)   # every planted disc, once, with its value
+    for value, voxel in planted.items():   # the conus lies just above L1-L2 (21) here
+        # on the cord: the cord point at the disc's level; under the conus the label is placed a fixed
+        # distance behind the disc (calibrated on the synthetic engine), so a few mm off here
+        tolerance = 1 if value <= 20 else 5
+        assert np.abs(np.subtract(found[value], voxel)).max() <= tolerance, value
     # then exactly the labels path: discs TSV, per-slice levels, split, per-region Dice
     rows = (anat / "sub-01_T2w_desc-discs.tsv").read_text().splitlines()
     assert [r.split("\t")[1] for r in rows[1:]] == [lv.disc_name(v) for v in sorted(SPINE_DISCS)]

@@ -9,7 +9,7 @@ from scipy import ndimage
 from bids_app import levels as lv
 from bids_app.synth import generate_sample
 from bids_app.synth.labels import LABELS
-from bids_app.synth.targets import DISC_RADIUS_MM, balls, disc_target, target_channels
+from bids_app.synth.targets import balls, disc_target, target_channels
 from bids_app.training.dataset import TASKS, PatchProducer, StreamConfig, TaskConfig, build_set
 from bids_app.training.train import Recipe, configure_tensorflow, cosine_lr, run_training, warm_start
 
@@ -35,16 +35,19 @@ def test_balls_have_their_radius_in_mm_on_anisotropic_grids():
 
 def test_disc_target_marks_only_visible_discs(whole_view):
     s = whole_view
-    target = disc_target(s.cord.shape, s.affine, s.discs)
+    balls_only = disc_target(s.cord.shape, s.affine, s.discs)
     inv = np.linalg.inv(s.affine)
     for value, point in s.discs:
         vox = np.round(inv[:3, :3] @ point + inv[:3, 3]).astype(int)
-        if not np.all((vox >= 0) & (vox < s.cord.shape)):
-            continue
-        assert target[tuple(vox)] == (1 if 3 <= value <= 25 else 0), value
+        if np.all((vox >= 0) & (vox < s.cord.shape)):
+            assert balls_only[tuple(vox)] == (1 if 3 <= value <= 25 else 0), value
     n_visible = sum(3 <= v <= 25 for v, _ in s.discs)
-    assert ndimage.label(target)[1] == n_visible
-    assert target.sum() * np.prod(SPACING) < n_visible * 4 / 3 * np.pi * (DISC_RADIUS_MM + 1.5) ** 3
+    assert ndimage.label(balls_only)[1] == n_visible
+    # the training channel is the disc tissue: one blob per real disc (none at C1-C2 or above C1)
+    tissue = target_channels(s)[..., 1]
+    lab, n = ndimage.label(tissue)
+    big = np.sum(ndimage.sum(tissue, lab, range(1, n + 1)) * np.prod(SPACING) >= 150)
+    assert big == n_visible
 
 
 def test_anchor_target_is_c2_and_sacrum(whole_view):
@@ -79,8 +82,12 @@ def test_discs_from_perfect_heatmaps_are_identified(whole_view):
     assert auto.top_in_view
     assert auto.identification.values is not None, auto.identification.reason
     truth = {v: p for v, p in s.discs if 3 <= v <= 25}
+    assert sorted(auto.identification.values) == sorted(truth)
     for value, point in zip(auto.identification.values, auto.points_mm, strict=True):
-        assert np.linalg.norm(point - truth[value]) < 3.0, value
+        # on the cord the disc point is the closest centerline point; below the conus it is placed
+        # behind the disc (a few mm less exact)
+        limit = 1.5 if point[2] > s.conus_tip_mm[2] else 5.0
+        assert np.linalg.norm(point - truth[value]) < limit, value
     labels = auto.labels(s.affine)
     assert sorted(d.value for d in labels) == sorted(auto.identification.values)
 

@@ -3,9 +3,10 @@
 The coarse "spine" model predicts several maps at once from one whole field of view:
 
 - ``cord``: the cord mask (centerline and conus tip come from it);
-- ``discs``: a ball of radius :data:`DISC_RADIUS_MM` around each intervertebral disc's point on
-  the cord (SCT values 3 = C2-C3 … 25 = L5-S1; values 1, 2 and the conus marker 60 have no disc
-  a detector can see), the heatmap that :func:`bids_app.levels.detect_discs_from_heatmap` reads;
+- ``discs``: the intervertebral disc tissue (annulus and nucleus labels), a volume the network
+  learns like any segmentation (small balls around the SCT disc points were tried first and
+  did not start to learn in 150 steps); :func:`bids_app.levels.disc_points_from_probability`
+  turns its blobs into SCT-convention points on the cord;
 - ``anchors``: the two vertebrae that fix disc identities when they are in view, C2 (above the
   highest disc, C2-C3) and the sacrum (below the lowest, L5-S1). Which one a blob is follows
   from its position relative to the detected discs.
@@ -106,6 +107,11 @@ def anchor_target(labels: np.ndarray, affine: np.ndarray, discs, centerline_mm: 
     return sacrum | c2_target(labels, affine, discs, centerline_mm)
 
 
+def disc_tissue_target(labels: np.ndarray) -> np.ndarray:
+    """Intervertebral disc tissue (annulus + nucleus) as a binary uint8 volume."""
+    return np.isin(labels, (LABELS["disc_annulus"], LABELS["disc_nucleus"])).astype(np.uint8)
+
+
 def target_channels(sample, targets: Sequence[str] = TARGETS) -> np.ndarray:
     """(X, Y, Z, C) uint8 targets of a :class:`~bids_app.synth.generator.SynthSample`."""
     chans = []
@@ -113,7 +119,7 @@ def target_channels(sample, targets: Sequence[str] = TARGETS) -> np.ndarray:
         if name == "cord":
             chans.append(np.asarray(sample.cord, np.uint8))
         elif name == "discs":
-            chans.append(disc_target(sample.cord.shape, sample.affine, sample.discs))
+            chans.append(disc_tissue_target(sample.labels))
         elif name == "anchors":
             chans.append(anchor_target(sample.labels, sample.affine, sample.discs, sample.centerline_mm))
         else:

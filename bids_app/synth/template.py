@@ -289,7 +289,7 @@ def _extrude_anterior(mask: np.ndarray, edge_j: int, depth_mm: np.ndarray) -> No
 
 
 #: Bump when the template construction changes (invalidates the on-disk cache).
-TEMPLATE_VERSION = "2"
+TEMPLATE_VERSION = "3"
 
 
 def cache_dir() -> Path | None:
@@ -545,8 +545,9 @@ def _build_phantom() -> SpineTemplate:
         if zz < z_ls - 4:
             continue
         # vertebra or disc?
-        below = max((d for d in disc_z.values() if d <= zz), default=None)
-        above = min((d for d in disc_z.values() if d > zz), default=None)
+        # real discs only: none between C1 and C2 or above C1 (SCT values 1 and 2 mark levels)
+        below = max((d for v, d in disc_z.items() if v >= 3 and d <= zz), default=None)
+        above = min((d for v, d in disc_z.items() if v >= 3 and d > zz), default=None)
         body_ry, body_rx = 6.0 * s + (6.0 if lvl >= 8 else 2.0), 8.0 * s + (6.0 if lvl >= 8 else 3.0)
         body_cy = canal_ry + 2.0 + body_ry
         disc_half = 2.5 + 0.12 * (above - below if above and below else 20.0) * 0.5
