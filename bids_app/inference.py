@@ -10,8 +10,9 @@ Steps:
    mask) or ``file`` (a user's mask or points). In ``auto`` mode a small image (at most
    ``whole_image_windows`` segmentation windows) is segmented whole and the centerline is fitted
    to those probabilities (more accurate than the coarse model on small fields of view, for
-   about the cost of the crop); a large image whose coarse heatmap shows no cord is also
-   segmented whole, within ``fallback_windows``, with a warning;
+   about the cost of the crop); a large image whose coarse heatmap shows no cord, or whose crop
+   around the coarse centerline holds no cord (a decoy), is also segmented whole, within
+   ``fallback_windows``, with a warning;
 3. crop box on the segmentation grid around the centerline, extended ``crop_extension_mm``
    beyond both ends along their last direction, so that the segmentation model — not the
    centerline — decides where the cord ends (the thesis's finding about deepseg);
@@ -297,6 +298,14 @@ def segment_image(
         t = time.perf_counter()
         if prob_work is None:
             prob_work = _segment_crop(work, waff, centre, models, options)
+            if options.centerline_mode == "auto" and not (prob_work >= models.segmentation.threshold).any():
+                # the coarse centerline was a decoy (e.g. a cord-like blob off the spine): look everywhere
+                fine_shape, _ = grid_for_spacing(work.shape, waff, models.segmentation.spacing)
+                windows = count_windows(fine_shape, models.segmentation.patch_size, options.overlap)
+                if windows <= options.fallback_windows:
+                    warnings.append("the segmentation found no cord around the coarse centerline; the "
+                                    f"segmentation model was run over the whole image ({windows} windows)")
+                    prob_work, centre = _whole_image_segmentation(work, waff, models, options)
         seconds["segmentation"] = time.perf_counter() - t
         t = time.perf_counter()
         prob_native = reo.to_native(prob_work)

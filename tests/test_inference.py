@@ -510,3 +510,27 @@ def test_tube_roi_covers_the_extended_centerline_only():
     assert roi[30, 30, 60] and roi[30 + 10, 30, 60] and not roi[30 + 11, 30, 60]   # 5 mm = 10 voxels in x
     assert roi[30, 10 - 10, 20] and not roi[30, 10, 10]       # the extension follows the oblique end direction
     assert not roi[5, 70, 40]
+
+
+def test_decoy_coarse_centerline_falls_back_to_the_whole_image(tiny_bundles, fake_networks, monkeypatch):
+    """A coarse centerline on a cord-like blob away from the cord (here: below the conus, where the
+    phantom has no cord) gives an empty crop; the whole image is then segmented, with a warning."""
+    from bids_app import centerline as cl
+
+    image, cord, affine, _ = _spine_phantom()
+    assert np.argwhere(cord)[:, 2].min() * VOXEL_MM - 45.0 > 40.0 + 30.0 + 10.0   # the crop cannot reach the cord
+
+    def decoy(work, waff, models, overlap):
+        line = np.zeros(work.shape, np.uint8)
+        line[10, 12, 3:57] = 1                     # z from about -40 to +40 mm
+        return cl.centerline_from_mask(line, waff), None
+
+    monkeypatch.setattr(inference, "_coarse_centerline", decoy)
+    models, options = _models(tiny_bundles)
+    result = inference.segment_image(_loaded(image, affine), options, models=models)
+    assert result.cord_found and metrics.dice(result.mask, cord) > 0.95
+    assert any("found no cord around the coarse centerline" in w for w in result.warnings)
+    # without room for the fallback the mask stays empty, and nothing crashes
+    small = replace(options, fallback_windows=1)
+    empty = inference.segment_image(_loaded(image, affine), small, models=models)
+    assert not empty.cord_found and not any("around the coarse centerline" in w for w in empty.warnings)
