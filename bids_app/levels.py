@@ -938,23 +938,25 @@ class AutoDiscs(NamedTuple):
         return make_disc_labels(self.identification.values, self.points_mm, affine)
 
 
-def _anchor_blobs(anchor_heat: np.ndarray, affine: np.ndarray, threshold: float, min_volume_mm3: float,
-                  max_points: int = 400) -> list[np.ndarray]:
-    """Voxel positions (mm, at most ``max_points`` each) of the anchor heatmap's blobs above ``threshold``."""
-    mask = np.asarray(anchor_heat) >= threshold
-    lab, n = ndimage.label(mask)
+def _blobs(mask: np.ndarray, affine: np.ndarray, min_volume_mm3: float):
+    """Yield ``(voxel indices (K, 3), scanner mm (K, 3))`` of each connected blob of ``mask`` of
+    at least ``min_volume_mm3``."""
     aff = np.asarray(affine, float)
     voxel_mm3 = float(abs(np.linalg.det(aff[:3, :3])))
-    blobs = []
+    lab, _ = ndimage.label(mask)
     for i, sl in enumerate(ndimage.find_objects(lab), start=1):
         if sl is None:
             continue
         idx = np.argwhere(lab[sl] == i) + [s.start for s in sl]
-        if len(idx) * voxel_mm3 < min_volume_mm3:
-            continue
-        idx = idx[:: max(1, len(idx) // max_points)]
-        blobs.append(idx @ aff[:3, :3].T + aff[:3, 3])
-    return blobs
+        if len(idx) * voxel_mm3 >= min_volume_mm3:
+            yield idx, idx @ aff[:3, :3].T + aff[:3, 3]
+
+
+def _anchor_blobs(anchor_heat: np.ndarray, affine: np.ndarray, threshold: float, min_volume_mm3: float,
+                  max_points: int = 400) -> list[np.ndarray]:
+    """Voxel positions (mm, at most ``max_points`` each) of the anchor heatmap's blobs above ``threshold``."""
+    return [mm[:: max(1, len(mm) // max_points)]
+            for _, mm in _blobs(np.asarray(anchor_heat) >= threshold, affine, min_volume_mm3)]
 
 
 #: distance (mm) from a disc's posterior edge to the canal axis below the conus, measured on the
@@ -999,18 +1001,9 @@ def disc_points_from_probability(
     prob = np.nan_to_num(np.asarray(prob, dtype=np.float32))
     if prob.ndim != 3:
         raise BadDataError(f"a disc probability map must be 3-D, got shape {prob.shape}")
-    aff = np.asarray(affine, dtype=float)
-    voxel_mm3 = float(abs(np.linalg.det(aff[:3, :3])))
-    lab, n = ndimage.label(prob >= threshold)
     blobs, centres, scores = [], [], []
-    for i, sl in enumerate(ndimage.find_objects(lab), start=1):
-        if sl is None:
-            continue
-        idx = np.argwhere(lab[sl] == i) + [s.start for s in sl]
-        if len(idx) * voxel_mm3 < min_volume_mm3:
-            continue
+    for idx, mm in _blobs(prob >= threshold, affine, min_volume_mm3):
         w = prob[tuple(idx.T)].astype(float)
-        mm = idx @ aff[:3, :3].T + aff[:3, 3]
         blobs.append(mm)
         centres.append((mm * w[:, None]).sum(0) / w.sum())
         scores.append(float(w.mean()))

@@ -22,7 +22,7 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -62,25 +62,21 @@ class TaskConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
 
+#: the coarse whole-view grid shared by the centerline and spine tasks
+_COARSE = TaskConfig(
+    task="centerline",
+    spacing=(1.5, 1.5, 1.5),
+    patch_size=(64, 64, 64),
+    fov_fraction=0.3,
+    val_regions=("cervical", "thoracic", "lumbosacral", "below_conus"),
+)
+
 TASKS: dict[str, TaskConfig] = {
     "segmentation": TaskConfig(task="segmentation", spacing=(0.5, 0.5, 1.0), patch_size=(64, 64, 48)),
-    "centerline": TaskConfig(
-        task="centerline",
-        spacing=(1.5, 1.5, 1.5),
-        patch_size=(64, 64, 64),
-        fov_fraction=0.3,
-        val_regions=("cervical", "thoracic", "lumbosacral", "below_conus"),
-    ),
-    # coarse whole-view model with three outputs: cord heatmap (centerline), disc balls and the
+    "centerline": _COARSE,
+    # coarse whole-view model with three outputs: cord heatmap (centerline), disc tissue and the
     # C2/sacrum anchors (vertebral levels); crops are mostly whole-view patches
-    "spine": TaskConfig(
-        task="spine",
-        spacing=(1.5, 1.5, 1.5),
-        patch_size=(64, 64, 64),
-        fov_fraction=0.6,
-        val_regions=("cervical", "thoracic", "lumbosacral", "below_conus"),
-        targets=("cord", "discs", "anchors"),
-    ),
+    "spine": replace(_COARSE, task="spine", fov_fraction=0.6, targets=("cord", "discs", "anchors")),
 }
 
 

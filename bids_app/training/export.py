@@ -25,7 +25,7 @@ from bids_app.training.dataset import (
     TaskConfig,
     load_or_build_set,
 )
-from bids_app.training.train import MODEL_VERSION, Recipe, TrainResult, evaluate_set
+from bids_app.training.train import MODEL_VERSION, Recipe, TrainResult, evaluate_set, predict_patches
 
 LOG = logging.getLogger("conus.training")
 PHANTOM_FILE = "phantom_fixed.npz"
@@ -120,7 +120,9 @@ def validation_report(model, task: TaskConfig, pam50_dir: str | None, run_dir: P
             data["image"] = data["image"].astype(np.float16).astype(np.float32)
             np.savez_compressed(run_dir / PHANTOM_FILE, image=data["image"].astype(np.float16),
                                 mask=data["mask"].astype(np.uint8), seed=np.asarray(seeds))
-        res = evaluate_set(model, data, normalisation, threshold, group_by="contrast", targets=task.targets)
+        probs = predict_patches(model, data["image"], normalisation)
+        res = evaluate_set(model, data, normalisation, threshold, group_by="contrast", targets=task.targets,
+                           probs=probs)
         entry = {"description": desc, "seeds": [int(seeds[0]), int(seeds[-1])], **res.pop("all")}
         entry["by_contrast"] = {k: v["dice_mean"] for k, v in res.items()}
         if name == "phantom_fixed":
@@ -129,7 +131,7 @@ def validation_report(model, task: TaskConfig, pam50_dir: str | None, run_dir: P
                                       "seeds": [int(s) for s in seeds]}
             entry["file"] = PHANTOM_FILE
         if task.task == "segmentation" and name.endswith("_lumbosacral"):
-            entry["conus_tip"] = conus_tip_errors(model, data, normalisation, threshold, task.spacing)
+            entry["conus_tip"] = conus_tip_errors(probs, data["mask"], threshold, task.spacing)
         report[name] = entry
         LOG.info("validation %s: Dice mean %s pooled %.4f (n=%d)", name,
                  None if entry["dice_mean"] is None else round(entry["dice_mean"], 4), entry["dice_pooled"], entry["n"])
@@ -146,20 +148,19 @@ def validation_report(model, task: TaskConfig, pam50_dir: str | None, run_dir: P
     return report
 
 
-def conus_tip_errors(model, data: dict, normalisation: dict, threshold: float, spacing) -> dict:
-    """Conus tip error (mm) on crops whose reference cord ends inside the crop.
+def conus_tip_errors(probs: np.ndarray, masks: np.ndarray, threshold: float, spacing) -> dict:
+    """Conus tip error (mm) on crops whose reference cord ends inside the crop, from the crops'
+    cord probabilities ``probs`` and reference ``masks`` (N, X, Y, Z).
 
     The tip of a mask is the end of its centerline (:func:`bids_app.centerline.centerline_from_mask`),
     computed the same way for the reference and the prediction; a prediction without cord counts as
     a miss.
     """
     from bids_app import centerline as cl
-    from bids_app.training.train import predict_patches
 
     affine = np.diag([*map(float, spacing), 1.0])
-    probs = predict_patches(model, data["image"], normalisation)
     errors, missed = [], 0
-    for prob, mask in zip(probs, data["mask"], strict=True):
+    for prob, mask in zip(probs, masks, strict=True):
         if not mask.any() or mask[:, :, 0].any():
             continue  # no cord, or the cord leaves through the bottom of the crop
         ref_tip = cl.centerline_from_mask(mask, affine).conus_tip_mm

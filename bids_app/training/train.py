@@ -208,13 +208,15 @@ def dice_scores(probs: np.ndarray, masks: np.ndarray, threshold: float) -> dict:
 
 
 def evaluate_set(model, data: dict, normalisation: dict, threshold: float, group_by: str | None = "region",
-                 targets: Sequence[str] = ("cord",)) -> dict:
+                 targets: Sequence[str] = ("cord",), probs: np.ndarray | None = None) -> dict:
     """Dice on a fixed set, overall and per ``region`` (or contrast) label.
 
     For a multi-output model the scores are the cord channel's; the other channels (``targets``)
-    add a pooled Dice each under ``"all"``.
+    add a pooled Dice each under ``"all"``. ``probs`` (from :func:`predict_patches`) may be
+    given when the caller already has them.
     """
-    probs = predict_patches(model, data["image"], normalisation)
+    if probs is None:
+        probs = predict_patches(model, data["image"], normalisation)
     masks = data["mask"]
     extra = {}
     if probs.ndim == 5:
