@@ -641,59 +641,6 @@ def region_masks(
 # --------------------------------------------------------------------------------------
 
 
-def detect_discs_from_heatmap(
-    heatmap: np.ndarray, affine: np.ndarray, centerline=None, *, threshold: float = 0.3,
-    min_distance_mm: float = 10.0, max_cord_distance_mm: float = 35.0, peak_radius_mm: float = 3.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Disc positions from a disc heatmap: ``(points_mm (K, 3), scores (K,))``, inferior first.
-
-    Local maxima above ``threshold`` are refined to sub-voxel precision (heat-weighted centroid
-    of their 3x3x3 neighbourhood). With a centerline, peaks farther than
-    ``max_cord_distance_mm`` from it are dropped, and non-maximum suppression keeps the
-    strongest peak within ``min_distance_mm`` *along the cord*; without one, Euclidean
-    distance and the scanner z axis are used instead.
-    """
-    heat = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
-    if heat.ndim != 3:
-        raise BadDataError(f"a disc heatmap must be 3-D, got shape {heat.shape}")
-    affine = np.asarray(affine, dtype=float)
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    size = [max(3, 2 * int(math.ceil(peak_radius_mm / z)) + 1) for z in zooms]
-    peaks = np.argwhere((heat == ndimage.maximum_filter(heat, size=size, mode="constant")) & (heat >= threshold))
-    if len(peaks) == 0:
-        return np.zeros((0, 3)), np.zeros(0)
-    scores = heat[tuple(peaks.T)].astype(float)
-    vox = np.array([_refine_peak(heat, p) for p in peaks])
-    points = vox @ affine[:3, :3].T + affine[:3, 3]
-    if centerline is not None:
-        position, dist, _ = _closest_on_polyline(points, _centerline_mm(centerline), extrapolate=True)
-        keep = dist <= max_cord_distance_mm
-        points, scores, position = points[keep], scores[keep], position[keep]
-    else:
-        position = points[:, 2]
-    kept: list[int] = []
-    for i in np.argsort(-scores, kind="stable"):
-        if centerline is not None:
-            far = all(abs(position[i] - position[j]) >= min_distance_mm for j in kept)
-        else:
-            far = all(np.linalg.norm(points[i] - points[j]) >= min_distance_mm for j in kept)
-        if far:
-            kept.append(int(i))
-    kept.sort(key=lambda i: position[i])
-    return points[kept].reshape(-1, 3), scores[kept]
-
-
-def _refine_peak(heat: np.ndarray, peak: np.ndarray) -> np.ndarray:
-    lo = np.maximum(peak - 1, 0)
-    hi = np.minimum(peak + 2, heat.shape)
-    block = heat[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(float)
-    weights = np.clip(block - block.min(), 0, None)
-    if weights.sum() <= 0:
-        return peak.astype(float)
-    grid = np.indices(block.shape).reshape(3, -1).T + lo
-    return (grid * weights.reshape(-1, 1)).sum(axis=0) / weights.sum()
-
-
 @dataclass(frozen=True)
 class IdentifyConfig:
     """Priors of :func:`identify_discs` (all spacings relative to TYPICAL_DISC_SPACING_MM)."""

@@ -360,34 +360,6 @@ def test_split_rejects_far_or_invalid_split_disc():
 # ----------------------------------------------------------------------------- automatic discs
 
 
-def test_detect_discs_from_heatmap_peaks_and_suppression():
-    zooms = 1.5
-    shape = (30, 40, 120)
-    affine = np.diag([zooms, zooms, zooms, 1.0])
-    grid = np.indices(shape).reshape(3, -1).T * zooms
-    centerline = np.array([[22.0, 10.0, 0.0], [22.0, 10.0, 180.0]])
-    true_z = [20.3, 40.0, 62.7, 85.0, 110.4, 135.0, 160.0]
-    heat = np.zeros(len(grid))
-
-    def blob(centre, amplitude, sigma=2.0):
-        return amplitude * np.exp(-((grid - centre) ** 2).sum(axis=1) / (2 * sigma**2))
-
-    for z in true_z:
-        heat = np.maximum(heat, blob(np.array([22.0, 18.0, z]), 1.0))
-    heat = np.maximum(heat, blob(np.array([22.0, 22.0, 67.5]), 0.6))  # 5 mm from a disc: suppressed
-    heat = np.maximum(heat, blob(np.array([22.0, 55.0, 100.0]), 0.9))  # 45 mm from the cord: dropped
-    heat = heat.reshape(shape)
-
-    points, scores = lv.detect_discs_from_heatmap(heat, affine, centerline)
-    assert len(points) == len(true_z)
-    np.testing.assert_allclose(points[:, 2], true_z, atol=0.5)
-    np.testing.assert_allclose(points[:, 1], 18.0, atol=0.5)
-    assert (scores > 0.9).all()
-
-    empty, empty_scores = lv.detect_discs_from_heatmap(np.zeros(shape), affine, centerline)
-    assert empty.shape == (0, 3) and empty_scores.shape == (0,)
-
-
 def _detected(values_inferior_first, scale: float, seed: int, noise_mm: float = 0.7):
     rng = np.random.default_rng(seed)
     pos = scale * lv._TEMPLATE_POS[np.asarray(values_inferior_first) - 1]

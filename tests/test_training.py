@@ -203,3 +203,33 @@ def test_labelled_bids_sources_split_by_subject(tmp_path):
     image, mask, _ = source(5)
     assert image.shape == PATCH and mask.shape == PATCH
     assert val_source.n_patches >= 1 and any(val_source(i)[1].any() for i in range(val_source.n_patches))
+
+
+def test_loss_sums_the_dice_of_each_channel():
+    """A perfect channel adds no Dice loss, an all-wrong channel adds ~1; BCE is shared."""
+    import keras  # noqa: F401  (the loss is registered with Keras)
+
+    from bids_app.training.train import _register_losses
+
+    loss_fn, _metric = _register_losses()
+    truth = np.zeros((1, 8, 8, 8, 2), np.float32)
+    truth[0, 2:6, 2:6, 2:6, :] = 1.0
+    perfect = truth.copy()
+    wrong_second = truth.copy()
+    wrong_second[..., 1] = 1.0 - truth[..., 1]
+    one_channel = float(loss_fn(truth[..., :1], perfect[..., :1]))
+    two_perfect = float(loss_fn(truth, np.clip(perfect, 1e-6, 1 - 1e-6)))
+    two_wrong = float(loss_fn(truth, np.clip(wrong_second, 1e-6, 1 - 1e-6)))
+    assert one_channel < 0.01 and two_perfect < 0.01
+    # the wrong channel costs its full Dice loss (~1), not half of it as an average would
+    assert two_wrong - two_perfect > 0.95
+
+
+def test_selection_score_weighs_every_output():
+    from bids_app.training.train import selection_score
+
+    val = {"all": {"dice_mean": 0.8, "dice_pooled": 0.7, "dice_pooled_discs": 0.4, "dice_pooled_anchors": 0.3}}
+    assert selection_score(val) == pytest.approx(0.8)
+    assert selection_score(val, ("cord", "discs", "anchors")) == pytest.approx(0.5)
+    empty = {"all": {"dice_mean": None, "dice_pooled": 1.0}}
+    assert selection_score(empty) == pytest.approx(1.0)

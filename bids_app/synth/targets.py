@@ -5,7 +5,7 @@ The coarse "spine" model predicts several maps at once from one whole field of v
 - ``cord``: the cord mask (centerline and conus tip come from it);
 - ``discs``: the intervertebral disc tissue (annulus and nucleus labels), a volume the network
   learns like any segmentation (small balls around the SCT disc points were tried first and
-  did not start to learn in 150 steps); :func:`bids_app.levels.disc_points_from_probability`
+  did not start to learn in 150 steps, so they were removed); :func:`bids_app.levels.disc_points_from_probability`
   turns its blobs into SCT-convention points on the cord;
 - ``anchors``: the two vertebrae that fix disc identities when they are in view, C2 (above the
   highest disc, C2-C3) and the sacrum (below the lowest, L5-S1). Which one a blob is follows
@@ -21,7 +21,6 @@ import numpy as np
 from bids_app.synth.labels import LABELS
 
 TARGETS: tuple[str, ...] = ("cord", "discs", "anchors")
-DISC_RADIUS_MM = 4.0
 FIRST_VISIBLE_DISC = 3      # C2-C3
 LAST_DISC = 25              # L5-S1
 C2_HEIGHT_MM = 20.0         # used when the C1-C2 point lies outside the view
@@ -35,30 +34,6 @@ def _zooms(affine: np.ndarray) -> np.ndarray:
 def _to_vox(affine: np.ndarray, pts_mm: np.ndarray) -> np.ndarray:
     inv = np.linalg.inv(np.asarray(affine, float))
     return np.asarray(pts_mm, float).reshape(-1, 3) @ inv[:3, :3].T + inv[:3, 3]
-
-
-def balls(shape: Sequence[int], affine: np.ndarray, points_mm: np.ndarray, radius_mm: float) -> np.ndarray:
-    """uint8 volume with 1 inside a ball of ``radius_mm`` (in mm, any voxel size) around each point."""
-    out = np.zeros(tuple(int(s) for s in shape), dtype=np.uint8)
-    zooms = _zooms(affine)
-    reach = np.ceil(radius_mm / zooms).astype(int) + 1
-    for centre in _to_vox(affine, points_mm):
-        lo = np.maximum(np.floor(centre).astype(int) - reach, 0)
-        hi = np.minimum(np.ceil(centre).astype(int) + reach + 1, out.shape)
-        if np.any(hi <= lo):
-            continue
-        grids = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        d2 = sum(((g - c) * z) ** 2 for g, c, z in zip(grids, centre, zooms, strict=True))
-        out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] |= (d2 <= radius_mm ** 2).astype(np.uint8)
-    return out
-
-
-def disc_target(shape, affine, discs: Sequence[tuple[int, np.ndarray]], radius_mm: float = DISC_RADIUS_MM) -> np.ndarray:
-    """Balls around the visible discs (values 3..25) of an annotation list ``[(value, xyz_mm), ...]``."""
-    pts = [np.asarray(p, float) for v, p in discs if FIRST_VISIBLE_DISC <= int(v) <= LAST_DISC]
-    if not pts:
-        return np.zeros(tuple(shape), dtype=np.uint8)
-    return balls(shape, affine, np.stack(pts), radius_mm)
 
 
 def _local_axis(centerline_mm: np.ndarray, near: np.ndarray) -> np.ndarray:

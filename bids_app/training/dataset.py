@@ -75,8 +75,8 @@ TASKS: dict[str, TaskConfig] = {
     "segmentation": TaskConfig(task="segmentation", spacing=(0.5, 0.5, 1.0), patch_size=(64, 64, 48)),
     "centerline": _COARSE,
     # coarse whole-view model with three outputs: cord heatmap (centerline), disc tissue and the
-    # C2/sacrum anchors (vertebral levels); crops are mostly whole-view patches
-    "spine": replace(_COARSE, task="spine", fov_fraction=0.6, targets=("cord", "discs", "anchors")),
+    # C2/sacrum anchors (vertebral levels); half the crops are whole-view patches
+    "spine": replace(_COARSE, task="spine", fov_fraction=0.5, targets=("cord", "discs", "anchors")),
 }
 
 

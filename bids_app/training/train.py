@@ -89,9 +89,16 @@ def _register_losses():
 
     @keras.saving.register_keras_serializable(package="conus", name="dice_bce_loss")
     def dice_bce_loss(y_true, y_pred):
-        """(1 - soft Dice) + binary cross-entropy: Dice for overlap, BCE for calibrated probabilities."""
+        """Sum over output channels of (1 - soft Dice), + binary cross-entropy.
+
+        Dice for overlap, BCE for calibrated probabilities. Summing (not averaging) the Dice
+        terms keeps each channel's Dice as strong against the BCE as in a one-channel model.
+        """
+        axes = (0, 1, 2, 3)
+        inter = ops.sum(y_true * y_pred, axis=axes)
+        dice = (2.0 * inter + 1.0) / (ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes) + 1.0)
         bce = ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
-        return 1.0 - soft_dice(y_true, y_pred) + bce
+        return ops.sum(1.0 - dice) + bce
 
     return dice_bce_loss, soft_dice
 
@@ -230,6 +237,14 @@ def evaluate_set(model, data: dict, normalisation: dict, threshold: float, group
             sel = data[group_by] == label
             result[label] = dice_scores(probs[sel], data["mask"][sel], threshold)
     return result
+
+
+def selection_score(val: dict, targets: Sequence[str] = ("cord",)) -> float:
+    """The number that picks the best epoch: the cord's mean per-patch Dice (pooled when no
+    patch has a cord), averaged with the other channels' pooled Dice for multi-output models."""
+    cord = val["all"]["dice_mean"] if val["all"]["dice_mean"] is not None else val["all"]["dice_pooled"]
+    others = [val["all"][f"dice_pooled_{name}"] for name in targets[1:]]
+    return float(np.mean([cord, *others]))
 
 
 # --------------------------------------------------------------------------------------------- loop
@@ -384,7 +399,7 @@ def run_training(
                     stopped_early = True
                     break
             val = evaluate_set(model, val_set, normalisation, recipe.threshold, targets=task.targets)
-            val_dice = val["all"]["dice_mean"] if val["all"]["dice_mean"] is not None else val["all"]["dice_pooled"]
+            val_dice = selection_score(val, task.targets)
             lr = float(np.asarray(model.optimizer.learning_rate))
             row = {"epoch": epoch, "steps": state["steps"], "loss": float(np.mean(losses)),
                    "soft_dice": float(np.nanmean(dices)), "val_dice": float(val_dice), "lr": lr,
