@@ -90,22 +90,30 @@ def _split_level(text: str) -> str:
     return text
 
 
-def _model_names() -> list[str]:
-    """Shipped segmentation bundle names (empty when the registry is not installed)."""
+def _model_names(role: str = "segmentation") -> list[str]:
+    """Shipped bundle names for ``role`` (empty when the registry is not installed)."""
     try:
         registry = importlib.import_module("bids_app.registry")
     except ImportError:
         return []
-    return list(registry.bundle_names("segmentation"))
+    return list(registry.bundle_names(role))
 
 
-def _model(text: str) -> str:
-    """A shipped bundle name or an existing bundle folder."""
-    names = _model_names()
-    if text in names or Path(text).exists():
-        return text
-    raise argparse.ArgumentTypeError(
-        f"{text!r} is neither a shipped model ({', '.join(names) or 'none installed'}) nor an existing path")
+def _model_of(role: str):
+    def parse(text: str) -> str:
+        """A shipped bundle name for ``role`` or an existing bundle folder."""
+        names = _model_names(role)
+        if text in names or Path(text).exists():
+            return text
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a shipped {role} model ({', '.join(names) or 'none installed'}) "
+            "nor an existing path")
+
+    return parse
+
+
+_model = _model_of("segmentation")
+_centerline_model = _model_of("centerline")
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +154,10 @@ def get_bids_parser() -> ArgumentParser:
     run.add_argument("--model", type=_model, metavar="NAME_OR_PATH",
                      help=f"segmentation model: a shipped name ({', '.join(_model_names()) or 'none'}) "
                      "or a bundle folder (default: the best shipped model)")
+    run.add_argument("--centerline-model", "--centerline_model", type=_centerline_model, metavar="NAME_OR_PATH",
+                     help=f"centerline model for --centerline auto: a shipped name "
+                     f"({', '.join(_model_names('centerline')) or 'none'}) or a bundle folder (default: the "
+                     "shipped default; with --levels auto, the shipped model that also finds discs)")
     run.add_argument("--centerline", choices=("auto", "reference"), default="auto",
                      help="auto: model + global fit; reference: from the reference mask (default: %(default)s)")
     run.add_argument("--centerline-file", "--centerline_file", type=Path, metavar="FILE",
@@ -303,6 +315,7 @@ def config_from_args(args: argparse.Namespace) -> ParticipantConfig:
         reference_dir=None if args.reference_dir is None else Path(args.reference_dir).absolute(),
         dry_run=args.dry_run,
         model=args.model,
+        centerline_model=args.centerline_model,
         centerline=args.centerline,
         centerline_file=None if args.centerline_file is None else Path(args.centerline_file).absolute(),
         tta=args.tta,

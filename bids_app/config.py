@@ -44,6 +44,9 @@ class ParticipantConfig:
     dry_run: bool = False
     model: str | None = None
     """A shipped bundle name or a bundle path; None means the default shipped model."""
+    centerline_model: str | None = None
+    """Centerline bundle name or path; None: the shipped default (the disc-finding one with
+    ``levels="auto"``)."""
     centerline: str = "auto"
     centerline_file: Path | None = None
     tta: bool = False
@@ -69,7 +72,7 @@ class ParticipantConfig:
         Paths of user-supplied files are recorded as strings; their content hashes are added by
         the pipeline.
         """
-        keys = ("model", "centerline", "tta", "overlap", "levels", "split", "split_level")
+        keys = ("model", "centerline_model", "centerline", "tta", "overlap", "levels", "split", "split_level")
         params: dict[str, Any] = {k: getattr(self, k) for k in keys}
         params["centerline_file"] = None if self.centerline_file is None else str(self.centerline_file)
         return params

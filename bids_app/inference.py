@@ -103,12 +103,12 @@ class Models:
     def __init__(self, options: InferenceOptions):
         from bids_app.bundle import load_bundle
         from bids_app.errors import BundleError
-        from bids_app.registry import default_bundle, serves
+        from bids_app.registry import centerline_bundle, default_bundle, serves
 
         self.segmentation = load_bundle(options.model or default_bundle("segmentation"))
         self.centerline = None
         if options.centerline_mode == "auto" or options.disc_heatmaps:
-            self.centerline = load_bundle(options.centerline_model or default_bundle("centerline"))
+            self.centerline = load_bundle(centerline_bundle(options.centerline_model, options.disc_heatmaps))
         for role in ("segmentation", "centerline"):
             bundle = getattr(self, role)
             if bundle is not None and not serves(role, bundle.task):

@@ -119,7 +119,7 @@ def inference_options(cfg: ParticipantConfig):
     from bids_app.inference import InferenceOptions
 
     mode = "file" if cfg.centerline_file is not None else cfg.centerline
-    return InferenceOptions(model=cfg.model, centerline_mode=mode, centerline_file=cfg.centerline_file,
+    return InferenceOptions(model=cfg.model, centerline_model=cfg.centerline_model, centerline_mode=mode, centerline_file=cfg.centerline_file,
                             overlap=cfg.overlap, tta=cfg.tta, disc_heatmaps=cfg.levels == "auto")
 
 
@@ -160,7 +160,8 @@ def model_identity(cfg: ParticipantConfig, segment_fn: SegmentFn | None) -> dict
 
     names = {"segmentation": cfg.model or registry.default_bundle("segmentation")}
     if (cfg.centerline == "auto" and cfg.centerline_file is None) or cfg.levels == "auto":
-        names["centerline"] = registry.default_bundle("centerline")   # --levels auto: its disc heatmaps
+        # --levels auto: the centerline bundle's disc heatmaps
+        names["centerline"] = registry.centerline_bundle(cfg.centerline_model, cfg.levels == "auto")
     bundles = {task: bundle.load_bundle(name) for task, name in names.items()}
     return {
         "name": str(names["segmentation"]),

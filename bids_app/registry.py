@@ -18,7 +18,8 @@ from pathlib import Path
 
 from bids_app.errors import BundleError
 
-#: name -> {folder (relative to the models directory), task, description, default}
+#: name -> {folder (relative to the models directory), task, description, default, and
+#: optionally levels: True for the centerline-role bundle that ``--levels auto`` uses}
 SHIPPED_BUNDLES: dict[str, dict] = {
     "seg-general": {
         "folder": "seg-general",
@@ -69,6 +70,23 @@ def default_bundle(task: str) -> str:
         if entry["task"] == task and entry["default"]:
             return name
     raise BundleError(f"no default bundle for task {task!r}; shipped: {', '.join(SHIPPED_BUNDLES)}")
+
+
+def levels_bundle() -> str | None:
+    """Name of the shipped centerline-role bundle that also finds discs (``"levels": True``),
+    used for ``--levels auto`` when no centerline model is named; None when none ships."""
+    for name, entry in SHIPPED_BUNDLES.items():
+        if entry.get("levels"):
+            return name
+    return None
+
+
+def centerline_bundle(requested: str | None, levels_auto: bool) -> str:
+    """The centerline-role bundle to load: ``requested`` when given, else the disc-finding one
+    for ``--levels auto`` (when one ships), else the default centerline bundle."""
+    if requested:
+        return requested
+    return (levels_auto and levels_bundle()) or default_bundle("centerline")
 
 
 def bundle_folder(name: str) -> Path:

@@ -136,6 +136,27 @@ def test_registry_entries_are_consistent():
         registry.bundle_folder("nope")
 
 
+def test_levels_auto_picks_the_disc_finding_centerline_bundle(monkeypatch):
+    entries = {
+        "seg": {"folder": "seg", "task": "segmentation", "description": "", "default": True},
+        "cl": {"folder": "cl", "task": "centerline", "description": "", "default": True},
+    }
+    monkeypatch.setattr(registry, "SHIPPED_BUNDLES", entries)
+    assert registry.levels_bundle() is None
+    assert registry.centerline_bundle(None, levels_auto=True) == "cl"     # none finds discs: the default
+    entries["spine"] = {"folder": "spine", "task": "centerline", "description": "", "default": False, "levels": True}
+    assert registry.levels_bundle() == "spine"
+    assert registry.centerline_bundle(None, levels_auto=True) == "spine"
+    assert registry.centerline_bundle(None, levels_auto=False) == "cl"
+    assert registry.centerline_bundle("/my/bundle", levels_auto=True) == "/my/bundle"   # the user's choice wins
+
+
+def test_at_most_one_shipped_bundle_finds_levels():
+    flagged = [n for n, e in registry.SHIPPED_BUNDLES.items() if e.get("levels")]
+    assert len(flagged) <= 1
+    assert all(registry.SHIPPED_BUNDLES[n]["task"] == "centerline" for n in flagged)
+
+
 @pytest.mark.parametrize("name", sorted(registry.SHIPPED_BUNDLES))
 def test_shipped_bundles_verify_and_fit_the_size_limit(name):
     b = load_bundle(name)

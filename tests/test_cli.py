@@ -117,6 +117,15 @@ def test_model_accepts_shipped_name_or_path(tmp_path):
     assert cli.main(["/data", "/out", "participant", "--model", "no-such-model"]) == 64
 
 
+def test_centerline_model_takes_centerline_role_names_only(tmp_path):
+    assert _parse().centerline_model is None
+    assert _parse("--centerline-model", str(tmp_path)).centerline_model == str(tmp_path)
+    for name in cli._model_names("centerline"):
+        assert _parse("--centerline-model", name).centerline_model == name
+    for name in cli._model_names("segmentation"):   # a segmentation bundle is not a centerline model
+        assert cli.main(["/data", "/out", "participant", "--centerline-model", name]) == 64
+
+
 def test_tools_route_to_lazily_imported_modules(monkeypatch, tmp_path):
     seen = {}
 
