@@ -12,7 +12,8 @@ Steps:
    to those probabilities (more accurate than the coarse model on small fields of view, for
    about the cost of the crop); a large image whose coarse heatmap shows no cord, or whose crop
    around the coarse centerline holds no cord (a decoy), is also segmented whole, within
-   ``fallback_windows``, with a warning;
+   ``fallback_windows``, with a warning (when the coarse model saw no cord at all, the whole
+   image must show at least ``fallback_min_cord_mm3`` of cord to overrule it);
 3. crop box on the segmentation grid around the centerline, extended ``crop_extension_mm``
    beyond both ends along their last direction, so that the segmentation model — not the
    centerline — decides where the cord ends (the thesis's finding about deepseg);
@@ -70,6 +71,10 @@ class InferenceOptions:
     # and fall back to the whole image, within ``fallback_windows``, when it finds no cord
     whole_image_windows: int = 64
     fallback_windows: int = 400
+    # when the coarse model found no cord at all, the whole-image fallback must find at least
+    # this much cord to overrule it (a real cord in view, even a conus alone, is larger; small
+    # cord-like blobs in views below the conus are not)
+    fallback_min_cord_mm3: float = 500.0
     # the crop's sliding windows only run within this distance of the (extended) centerline
     roi_radius_mm: float = 12.0
     # --levels auto: make sure the disc and anchor heatmaps are computed when the centerline
@@ -253,10 +258,16 @@ def _working_centerline(loaded, reo, work, waff, options, models, reference, war
         return centre, prob, None
     centre, discs = _coarse_centerline(work, waff, models, options.overlap)
     if not centre.found and windows <= options.fallback_windows:
-        warnings.append("the coarse centerline model found no cord; the segmentation model was run "
-                        f"over the whole image ({windows} windows)")
-        prob, centre = _whole_image_segmentation(work, waff, models, options)
-        return centre, prob, discs
+        prob, whole_centre = _whole_image_segmentation(work, waff, models, options)
+        volume = float((prob >= models.segmentation.threshold).sum()) * float(np.prod(reo.working_spacing))
+        if volume >= options.fallback_min_cord_mm3:
+            warnings.append("the coarse centerline model found no cord; the segmentation model was run "
+                            f"over the whole image ({windows} windows) and found {volume:.0f} mm3 of cord")
+            return whole_centre, prob, discs
+        warnings.append("the coarse centerline model found no cord; over the whole image the segmentation "
+                        f"model found only {volume:.0f} mm3 of cord-like signal (< {options.fallback_min_cord_mm3:.0f}),"
+                        " so no cord is reported")
+        return centre, None, discs
     if not centre.found:
         warnings.append(f"the coarse centerline model found no cord, and the image is too large "
                         f"({windows} windows > {options.fallback_windows}) to segment whole")

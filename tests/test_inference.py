@@ -538,3 +538,30 @@ def test_decoy_coarse_centerline_falls_back_to_the_whole_image(tiny_bundles, fak
     small = replace(options, fallback_windows=1)
     empty = inference.segment_image(_loaded(image, affine), small, models=models)
     assert not empty.cord_found and not any("around the coarse centerline" in w for w in empty.warnings)
+
+
+def test_coarse_no_cord_fallback_needs_a_cord_sized_result(tiny_bundles, fake_networks, monkeypatch):
+    """When the coarse model sees no cord, the whole image is segmented: a real cord overrules
+    the coarse model, a small cord-like blob (as in views below the conus) does not."""
+    from bids_app import centerline as cl
+
+    def nothing(work, waff, models, overlap):
+        return cl.Centerline.empty(waff, models.centerline.spacing), None
+
+    monkeypatch.setattr(inference, "_coarse_centerline", nothing)
+    models, options = _models(tiny_bundles)
+    image, cord, affine, _ = _spine_phantom()
+    result = inference.segment_image(_loaded(image, affine), options, models=models)
+    assert result.cord_found and metrics.dice(result.mask, cord) > 0.95
+    assert any("found no cord" in w and "mm3 of cord" in w for w in result.warnings)
+
+    blob = np.full(image.shape, BACKGROUND, np.float32)
+    blob[10:12, 11:13, 90:110] = CORD            # a thin 30 mm streak: 2x2x20 voxels of 1.5 mm, 270 mm3
+    small = inference.segment_image(_loaded(blob, affine), options, models=models)
+    assert not small.cord_found and not small.mask.any()
+    assert any("only" in w and "< 500" in w for w in small.warnings)
+    # a lower bar lets the blob through: the check, not the network, removed it
+    lenient = inference.segment_image(_loaded(blob, affine), replace(options, fallback_min_cord_mm3=100.0),
+                                      models=models)
+    assert lenient.cord_found
+
