@@ -157,7 +157,7 @@ def get_bids_parser() -> ArgumentParser:
     run.add_argument("--centerline-model", "--centerline_model", type=_centerline_model, metavar="NAME_OR_PATH",
                      help=f"centerline model for --centerline auto: a shipped name "
                      f"({', '.join(_model_names('centerline')) or 'none'}) or a bundle folder (default: the "
-                     "shipped default; with --levels auto, the shipped model that also finds discs)")
+                     "shipped default); a spine bundle here also gives --levels auto its discs")
     run.add_argument("--centerline", choices=("auto", "reference"), default="auto",
                      help="auto: model + global fit; reference: from the reference mask (default: %(default)s)")
     run.add_argument("--centerline-file", "--centerline_file", type=Path, metavar="FILE",

@@ -23,10 +23,11 @@ Steps:
 
 The centerline bundle is a one-channel "centerline" model or a multi-channel "spine" model whose
 ``outputs`` name its channels (``cord``, ``discs``, ``anchors``). The centerline always comes
-from the ``cord`` channel. When the bundle has a ``discs`` channel, the disc and anchor heatmaps
-of the coarse run are kept on the result (``coarse_heatmaps``, for ``--levels auto``); with
-``disc_heatmaps`` set, the coarse model is also run when the centerline did not need it (small
-image segmented whole, or ``reference`` / ``file`` centerline).
+from the ``cord`` channel. With ``disc_heatmaps`` set (``--levels auto``), the disc and anchor
+heatmaps are kept on the result (``coarse_heatmaps``): from the coarse centerline run when its
+bundle has a ``discs`` channel, else from a separate pass of the levels bundle (a spine model,
+``levels_model`` or the shipped default), which also runs when the centerline did not need the
+coarse model (small image segmented whole, or ``reference`` / ``file`` centerline).
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ class InferenceOptions:
     fallback_min_cord_mm3: float = 500.0
     # the crop's sliding windows only run within this distance of the (extended) centerline
     roi_radius_mm: float = 12.0
-    # --levels auto: make sure the disc and anchor heatmaps are computed when the centerline
-    # bundle predicts them, even if the centerline itself did not need the coarse model
+    # --levels auto: compute the disc and anchor heatmaps, with the centerline bundle when it
+    # predicts them, else with the levels bundle (``levels_model`` or the shipped default)
     disc_heatmaps: bool = False
+    levels_model: str | None = None
 
 
 @dataclass
@@ -103,31 +105,46 @@ class SegmentationResult:
 
 
 class Models:
-    """The bundles one participant-level invocation uses, loaded (and verified) once."""
+    """The bundles one participant-level invocation uses, loaded (and verified) once.
+
+    ``levels`` is the bundle whose ``discs`` (and ``anchors``) channels ``--levels auto`` reads:
+    the centerline bundle itself when it predicts discs, else the levels bundle; None when disc
+    heatmaps were not asked for or no such bundle exists.
+    """
 
     def __init__(self, options: InferenceOptions):
         from bids_app.bundle import load_bundle
         from bids_app.errors import BundleError
-        from bids_app.registry import centerline_bundle, default_bundle, serves
+        from bids_app.registry import default_bundle, serves
 
         self.segmentation = load_bundle(options.model or default_bundle("segmentation"))
         self.centerline = None
-        if options.centerline_mode == "auto" or options.disc_heatmaps:
-            self.centerline = load_bundle(centerline_bundle(options.centerline_model, options.disc_heatmaps))
-        for role in ("segmentation", "centerline"):
+        if options.centerline_mode == "auto":
+            self.centerline = load_bundle(options.centerline_model or default_bundle("centerline"))
+        self.levels = None
+        if options.disc_heatmaps:
+            if (options.levels_model is None and self.centerline is not None
+                    and self.centerline.channel("discs") is not None):
+                self.levels = self.centerline
+            else:
+                name = options.levels_model or default_bundle("levels", required=False)
+                self.levels = load_bundle(name) if name else None
+        for role in ("segmentation", "centerline", "levels"):
             bundle = getattr(self, role)
             if bundle is not None and not serves(role, bundle.task):
                 raise BundleError(f"model {bundle.name!r} (task {bundle.task!r}) cannot be used as the "
                                   f"{role} model", path=bundle.path)
-        if self.centerline is not None and self.centerline.channel("cord") is None:
-            raise BundleError(f"centerline model {self.centerline.name!r} has no 'cord' output "
-                              f"(outputs: {', '.join(self.centerline.outputs)})", path=self.centerline.path)
+        for role, channel in (("centerline", "cord"), ("levels", "discs")):
+            bundle = getattr(self, role)
+            if bundle is not None and bundle.channel(channel) is None:
+                raise BundleError(f"{role} model {bundle.name!r} has no {channel!r} output "
+                                  f"(outputs: {', '.join(bundle.outputs)})", path=bundle.path)
         self._predict: dict[str, object] = {}
 
     @property
     def predicts_discs(self) -> bool:
-        """True when the centerline bundle also predicts disc heatmaps (a "spine" model)."""
-        return self.centerline is not None and self.centerline.channel("discs") is not None
+        """True when a bundle for disc heatmaps is loaded."""
+        return self.levels is not None
 
     def predict_fn(self, which: str):
         """The batch predictor of ``"segmentation"`` or ``"centerline"`` (built once)."""
@@ -138,9 +155,9 @@ class Models:
     def info(self) -> dict:
         """Name, version and sha256 of each bundle, for sidecars and provenance."""
         out = {}
-        for which in ("segmentation", "centerline"):
+        for which in ("segmentation", "centerline", "levels"):
             bundle = getattr(self, which)
-            if bundle is not None:
+            if bundle is not None and not (which == "levels" and bundle is self.centerline):
                 out[which] = {
                     "name": bundle.metadata.get("name"),
                     "version": bundle.metadata.get("version"),
@@ -159,12 +176,12 @@ def count_windows(shape, patch_size, overlap) -> int:
     return n
 
 
-def _coarse_predict(work: np.ndarray, waff: np.ndarray, models: Models, overlap: float):
-    """The coarse model over the whole field of view; returns (cord heatmap, coarse affine,
-    disc heatmaps as in ``SegmentationResult.coarse_heatmaps`` or None), all on the coarse grid."""
-    bundle = models.centerline
+def _coarse_predict(work: np.ndarray, waff: np.ndarray, models: Models, which: str, overlap: float):
+    """The coarse bundle ``which`` ("centerline" or "levels") over the whole field of view;
+    returns (heatmaps (X, Y, Z, C) on the coarse grid, coarse affine)."""
+    bundle = getattr(models, which)
     coarse, caff = resample(work, waff, bundle.spacing, order=1)
-    heat = sliding_window_predict(coarse, models.predict_fn("centerline"), bundle.patch_size, overlap)
+    heat = sliding_window_predict(coarse, models.predict_fn(which), bundle.patch_size, overlap)
     if heat.ndim == 3:
         heat = heat[..., None]
     if heat.shape[3] != len(bundle.outputs):
@@ -172,20 +189,24 @@ def _coarse_predict(work: np.ndarray, waff: np.ndarray, models: Models, overlap:
 
         raise BundleError(f"model {bundle.name!r} predicted {heat.shape[3]} channels but its metadata "
                           f"names {len(bundle.outputs)} outputs", path=bundle.path)
-    cord = np.ascontiguousarray(heat[..., bundle.channel("cord")])
-    discs = None
-    if bundle.channel("discs") is not None:
-        anchors = bundle.channel("anchors")
-        discs = {"affine": caff, "discs": np.ascontiguousarray(heat[..., bundle.channel("discs")]),
-                 "anchors": None if anchors is None else np.ascontiguousarray(heat[..., anchors])}
-    return cord, caff, discs
+    return heat, caff
+
+
+def _disc_maps(heat: np.ndarray, caff: np.ndarray, bundle) -> dict:
+    """The disc (and anchor) channels of a coarse prediction, as ``SegmentationResult.coarse_heatmaps``."""
+    anchors = bundle.channel("anchors")
+    return {"affine": caff, "discs": np.ascontiguousarray(heat[..., bundle.channel("discs")]),
+            "anchors": None if anchors is None else np.ascontiguousarray(heat[..., anchors])}
 
 
 def _coarse_centerline(work: np.ndarray, waff: np.ndarray, models: Models, overlap: float):
     """The coarse model over the whole field of view, then the global curve fit on its cord
-    channel; returns (centerline, disc heatmaps or None)."""
-    cord, caff, discs = _coarse_predict(work, waff, models, overlap)
-    return cl.fit_centerline(cord, caff, models.centerline.spacing), discs
+    channel; returns (centerline, disc heatmaps when the same bundle serves the levels, or None)."""
+    bundle = models.centerline
+    heat, caff = _coarse_predict(work, waff, models, "centerline", overlap)
+    centre = cl.fit_centerline(np.ascontiguousarray(heat[..., bundle.channel("cord")]), caff, bundle.spacing)
+    discs = _disc_maps(heat, caff, bundle) if models.levels is bundle else None
+    return centre, discs
 
 
 def _whole_image_segmentation(work, waff, models: Models, options: InferenceOptions):
@@ -298,9 +319,9 @@ def segment_image(
     centre, prob_work, heatmaps = _working_centerline(loaded, reo, work, waff, options, models, reference,
                                                       warnings)
     seconds["centerline"] = time.perf_counter() - t
-    if heatmaps is None and options.disc_heatmaps and models.predicts_discs:
+    if heatmaps is None and models.predicts_discs:
         t = time.perf_counter()
-        heatmaps = _coarse_predict(work, waff, models, options.overlap)[2]
+        heatmaps = _disc_maps(*_coarse_predict(work, waff, models, "levels", options.overlap), models.levels)
         seconds["disc_heatmaps"] = time.perf_counter() - t
 
     prob_native = None

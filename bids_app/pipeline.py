@@ -159,10 +159,15 @@ def model_identity(cfg: ParticipantConfig, segment_fn: SegmentFn | None) -> dict
     from bids_app import bundle, registry
 
     names = {"segmentation": cfg.model or registry.default_bundle("segmentation")}
-    if (cfg.centerline == "auto" and cfg.centerline_file is None) or cfg.levels == "auto":
-        # --levels auto: the centerline bundle's disc heatmaps
-        names["centerline"] = registry.centerline_bundle(cfg.centerline_model, cfg.levels == "auto")
+    if cfg.centerline == "auto" and cfg.centerline_file is None:
+        names["centerline"] = cfg.centerline_model or registry.default_bundle("centerline")
     bundles = {task: bundle.load_bundle(name) for task, name in names.items()}
+    if cfg.levels == "auto":   # the disc heatmaps' bundle (as bids_app.inference.Models picks it)
+        centerline = bundles.get("centerline")
+        if centerline is None or centerline.channel("discs") is None:
+            name = registry.default_bundle("levels", required=False)
+            if name:
+                names["levels"], bundles["levels"] = name, bundle.load_bundle(name)
     return {
         "name": str(names["segmentation"]),
         "sha256": "+".join(b.sha256 for b in bundles.values()),

@@ -5,10 +5,11 @@ no numpy. Each entry names a folder under the shipped models directory (``models
 repository root, or ``$CONUS_MODELS_DIR`` when set, e.g. inside the container), the task the
 model performs, a one-line description, and whether it is the default for its task.
 
-An entry's ``task`` is the *role* the bundle plays in the pipeline ("segmentation" or
-"centerline"), which may differ from the ``task`` in the bundle's own metadata: the
-"centerline" role is served by a one-channel centerline model or by a multi-channel "spine"
-model (cord, discs, anchors), see :data:`ROLE_TASKS`.
+An entry's ``task`` is the *role* the bundle plays in the pipeline ("segmentation",
+"centerline" or "levels"), which may differ from the ``task`` in the bundle's own metadata:
+the "centerline" role is served by a one-channel centerline model or by a multi-channel
+"spine" model (cord, discs, anchors), the "levels" role (disc heatmaps for ``--levels auto``)
+by a spine model, see :data:`ROLE_TASKS`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from pathlib import Path
 
 from bids_app.errors import BundleError
 
-#: name -> {folder (relative to the models directory), task, description, default, and
-#: optionally levels: True for the centerline-role bundle that ``--levels auto`` uses}
+#: name -> {folder (relative to the models directory), task (role), description, default}
 SHIPPED_BUNDLES: dict[str, dict] = {
     "seg-general": {
         "folder": "seg-general",
@@ -41,7 +41,12 @@ SHIPPED_BUNDLES: dict[str, dict] = {
 ROLE_TASKS: dict[str, tuple[str, ...]] = {
     "segmentation": ("segmentation",),
     "centerline": ("centerline", "spine"),
+    "levels": ("spine",),
 }
+
+#: roles the participant level cannot run without (each needs a default shipped bundle);
+#: "levels" (disc heatmaps for ``--levels auto``) is optional
+REQUIRED_ROLES = ("segmentation", "centerline")
 
 TASKS = tuple(ROLE_TASKS)
 
@@ -64,29 +69,15 @@ def bundle_names(task: str | None = None) -> list[str]:
     return [name for name, entry in SHIPPED_BUNDLES.items() if task is None or entry["task"] == task]
 
 
-def default_bundle(task: str) -> str:
-    """Name of the default shipped bundle for the role ``task`` ("segmentation" or "centerline")."""
+def default_bundle(task: str, required: bool = True) -> str | None:
+    """Name of the default shipped bundle for the role ``task`` ("segmentation", "centerline",
+    "levels"); None for a role without one when not ``required``."""
     for name, entry in SHIPPED_BUNDLES.items():
         if entry["task"] == task and entry["default"]:
             return name
+    if not required:
+        return None
     raise BundleError(f"no default bundle for task {task!r}; shipped: {', '.join(SHIPPED_BUNDLES)}")
-
-
-def levels_bundle() -> str | None:
-    """Name of the shipped centerline-role bundle that also finds discs (``"levels": True``),
-    used for ``--levels auto`` when no centerline model is named; None when none ships."""
-    for name, entry in SHIPPED_BUNDLES.items():
-        if entry.get("levels"):
-            return name
-    return None
-
-
-def centerline_bundle(requested: str | None, levels_auto: bool) -> str:
-    """The centerline-role bundle to load: ``requested`` when given, else the disc-finding one
-    for ``--levels auto`` (when one ships), else the default centerline bundle."""
-    if requested:
-        return requested
-    return (levels_auto and levels_bundle()) or default_bundle("centerline")
 
 
 def bundle_folder(name: str) -> Path:

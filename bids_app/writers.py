@@ -61,9 +61,9 @@ def _auto_discs(ctx) -> tuple[list | None, list[Path]]:
     """
     heatmaps = getattr(ctx.result, "coarse_heatmaps", None)
     if not heatmaps or heatmaps.get("discs") is None:
-        ctx.warnings.append("--levels auto: the centerline model predicts no discs (no disc-detection model "
-                            "available); vertebral levels and the split were skipped")
-        ctx.extras["levels_info"] = {"DiscSource": None, "Reason": "the centerline model predicts no discs"}
+        ctx.warnings.append("--levels auto: no model predicts discs (no disc-detection model available); "
+                            "vertebral levels and the split were skipped")
+        ctx.extras["levels_info"] = {"DiscSource": None, "Reason": "no model predicts discs"}
         return None, []
     auto = lv.discs_from_heatmaps(heatmaps["discs"], heatmaps.get("anchors"), heatmaps["affine"],
                                   centerline=_final_centerline(ctx), conus_tip_mm=ctx.result.conus_tip_mm)
@@ -98,7 +98,7 @@ def write_levels(ctx) -> list[Path]:
     nothing is written. ``--levels auto`` detects and identifies the discs in the heatmaps of
     a centerline model that predicts them (a "spine" model, see ``inference``), writes them as
     ``_label-discs_dlabel`` and goes on as with labels; when the identities are not
-    trustworthy, or the centerline model predicts no discs, a warning says so and levels and
+    trustworthy, or no model predicts discs, a warning says so and levels and
     the split are skipped (never guessed). With ``--levels auto`` and a model without disc
     channel, the run's disc labels are used when there are some.
     """

@@ -127,34 +127,23 @@ def test_registry_and_bundle_modules_do_not_import_tensorflow():
 
 def test_registry_entries_are_consistent():
     for task in registry.TASKS:
-        default = registry.default_bundle(task)
-        assert registry.SHIPPED_BUNDLES[default]["task"] == task
-        assert sum(e["default"] for e in registry.SHIPPED_BUNDLES.values() if e["task"] == task) == 1
+        n_default = sum(e["default"] for e in registry.SHIPPED_BUNDLES.values() if e["task"] == task)
+        assert n_default == 1 if task in registry.REQUIRED_ROLES else n_default <= 1
+        default = registry.default_bundle(task, required=task in registry.REQUIRED_ROLES)
+        assert default is None or registry.SHIPPED_BUNDLES[default]["task"] == task
     assert set(registry.bundle_names()) == set(registry.SHIPPED_BUNDLES)
     assert all(registry.SHIPPED_BUNDLES[n]["task"] == "centerline" for n in registry.bundle_names("centerline"))
     with pytest.raises(BundleError):
         registry.bundle_folder("nope")
 
 
-def test_levels_auto_picks_the_disc_finding_centerline_bundle(monkeypatch):
-    entries = {
-        "seg": {"folder": "seg", "task": "segmentation", "description": "", "default": True},
-        "cl": {"folder": "cl", "task": "centerline", "description": "", "default": True},
-    }
+def test_levels_role_is_optional(monkeypatch):
+    entries = {n: e for n, e in registry.SHIPPED_BUNDLES.items() if e["task"] != "levels"}
     monkeypatch.setattr(registry, "SHIPPED_BUNDLES", entries)
-    assert registry.levels_bundle() is None
-    assert registry.centerline_bundle(None, levels_auto=True) == "cl"     # none finds discs: the default
-    entries["spine"] = {"folder": "spine", "task": "centerline", "description": "", "default": False, "levels": True}
-    assert registry.levels_bundle() == "spine"
-    assert registry.centerline_bundle(None, levels_auto=True) == "spine"
-    assert registry.centerline_bundle(None, levels_auto=False) == "cl"
-    assert registry.centerline_bundle("/my/bundle", levels_auto=True) == "/my/bundle"   # the user's choice wins
-
-
-def test_at_most_one_shipped_bundle_finds_levels():
-    flagged = [n for n, e in registry.SHIPPED_BUNDLES.items() if e.get("levels")]
-    assert len(flagged) <= 1
-    assert all(registry.SHIPPED_BUNDLES[n]["task"] == "centerline" for n in flagged)
+    assert registry.default_bundle("levels", required=False) is None
+    with pytest.raises(BundleError):
+        registry.default_bundle("levels")
+    assert registry.serves("levels", "spine") and not registry.serves("levels", "centerline")
 
 
 @pytest.mark.parametrize("name", sorted(registry.SHIPPED_BUNDLES))

@@ -305,7 +305,7 @@ def _fake_predictors(outputs):
         return np.stack([found[name] for name in names], axis=-1).astype(np.float32)
 
     return {"segmentation": lambda batch: channels(batch, ("cord",)),
-            "centerline": lambda batch: channels(batch, outputs)}
+            "coarse": lambda batch: channels(batch, outputs)}
 
 
 @pytest.fixture(scope="module")
@@ -337,12 +337,19 @@ def _models(tiny_bundles, centerline="spine", **options):
 
 
 @pytest.fixture()
+def no_shipped_levels_model(monkeypatch):
+    """The registry without a default levels bundle (as when none ships)."""
+    monkeypatch.setattr(registry, "SHIPPED_BUNDLES",
+                        {n: e for n, e in registry.SHIPPED_BUNDLES.items() if e["task"] != "levels"})
+
+
+@pytest.fixture()
 def fake_networks(monkeypatch):
     """Replace the bundles' networks by :func:`_fake_predictors`; counts the calls per model."""
-    calls = {"segmentation": 0, "centerline": 0}
+    calls = {"segmentation": 0, "centerline": 0, "levels": 0}
 
     def predict_fn(self, which):
-        fn = _fake_predictors(self.centerline.outputs if self.centerline else ("cord",))[which]
+        fn = _fake_predictors(getattr(self, which).outputs)["segmentation" if which == "segmentation" else "coarse"]
 
         def counted(batch):
             calls[which] += 1
@@ -372,9 +379,11 @@ def test_spine_bundle_predicts_channels_last(tiny_bundles):
 def test_coarse_run_keeps_disc_heatmaps(tiny_bundles, fake_networks):
     image, cord, affine, planted = _spine_phantom()
     loaded = _loaded(image, affine)
-    models, options = _models(tiny_bundles)
+    models, options = _models(tiny_bundles, disc_heatmaps=True)
+    assert models.levels is models.centerline       # the spine model serves both: one coarse pass
     result = inference.segment_image(loaded, options, models=models)
     assert result.cord_found and metrics.dice(result.mask, cord) > 0.95
+    assert "disc_heatmaps" not in result.seconds
     heat = result.coarse_heatmaps
     assert heat is not None and set(heat) == {"affine", "discs", "anchors"}
     # the coarse grid is the working (RAS) grid here: x and y flipped from the native L-P-S
@@ -384,9 +393,21 @@ def test_coarse_run_keeps_disc_heatmaps(tiny_bundles, fake_networks):
     planted_mm = [affine[:3, :3] @ np.array(v, float) + affine[:3, 3] for v in planted.values()]
     assert min(np.linalg.norm(peak_mm - (p + [0.0, 15.0, 0.0])) for p in planted_mm) < 1e-6   # a disc centre
     assert heat["anchors"].max() == 1.0 and heat["discs"].max() == pytest.approx(1.0)
-    # a one-channel centerline bundle keeps no heatmaps
-    models, options = _models(tiny_bundles, centerline="centerline", disc_heatmaps=True)
+    # a one-channel centerline bundle keeps no heatmaps: a separate levels bundle gives them
+    models, options = _models(tiny_bundles, centerline="centerline")
+    assert models.levels is None
     assert inference.segment_image(loaded, options, models=models).coarse_heatmaps is None
+    models, options = _models(tiny_bundles, centerline="centerline", disc_heatmaps=True,
+                              levels_model=str(tiny_bundles["spine"].path))
+    assert models.levels is not None and models.levels is not models.centerline
+    result = inference.segment_image(loaded, options, models=models)
+    assert result.coarse_heatmaps is not None and "disc_heatmaps" in result.seconds
+    assert set(result.model_info) == {"segmentation", "centerline", "levels"}
+    np.testing.assert_allclose(result.coarse_heatmaps["discs"], heat["discs"])
+    # a levels bundle must predict discs
+    with pytest.raises(BundleError, match="cannot be used as the levels model"):
+        _models(tiny_bundles, centerline="centerline", disc_heatmaps=True,
+                levels_model=str(tiny_bundles["centerline"].path))
 
 
 def test_heatmaps_run_only_when_asked_without_coarse_centerline(tiny_bundles, fake_networks):
@@ -394,12 +415,14 @@ def test_heatmaps_run_only_when_asked_without_coarse_centerline(tiny_bundles, fa
     loaded = _loaded(image, affine)
     reference = _loaded(cord.astype(np.float32), affine)
     for asked in (False, True):
-        models, options = _models(tiny_bundles, centerline_mode="reference", disc_heatmaps=asked)
-        fake_networks["centerline"] = 0
+        models, options = _models(tiny_bundles, centerline_mode="reference", disc_heatmaps=asked,
+                                  levels_model=str(tiny_bundles["spine"].path))
+        assert models.centerline is None
+        fake_networks["levels"] = 0
         result = inference.segment_image(loaded, options, reference=reference, models=models)
         assert result.cord_found and result.centerline.source == "reference"
         assert (result.coarse_heatmaps is not None) is asked
-        assert (fake_networks["centerline"] > 0) is asked
+        assert (fake_networks["levels"] > 0) is asked
         assert ("disc_heatmaps" in result.seconds) is asked
 
 
@@ -496,10 +519,11 @@ def test_levels_auto_without_trustworthy_identities_skips(tmp_path, tiny_bundles
     assert (anat / "sub-01_T2w_label-SC_seg.nii.gz").is_file()
 
 
-def test_levels_auto_with_one_channel_centerline_model_warns(tmp_path, tiny_bundles, fake_networks):
+def test_levels_auto_with_one_channel_centerline_model_warns(tmp_path, tiny_bundles, fake_networks,
+                                                            no_shipped_levels_model):
     summary, _, anat, sidecar, _ = _run_pipeline(tmp_path, tiny_bundles, centerline="centerline", levels="auto")
     assert summary.exit_code == 0
-    assert any("predicts no discs" in w for w in sidecar["Warnings"])
+    assert any("no model predicts discs" in w for w in sidecar["Warnings"])
     assert sidecar["Levels"]["DiscSource"] is None
     assert not (anat / "sub-01_T2w_label-discs_dlabel.nii.gz").exists()
     assert not (anat / "sub-01_T2w_desc-levels.tsv").exists()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from fixtures import HEADERS, ImageSpec, build_dataset, threshold_segmenter
 
-from bids_app import bids_io, pipeline
+from bids_app import bids_io, pipeline, registry
 from bids_app.config import ParticipantConfig
 from bids_app.image_io import GEOMETRY_FIELDS
 
@@ -176,11 +176,14 @@ def test_inference_options_from_config(tmp_path):
     options = pipeline.inference_options(cfg.with_changes(centerline_file=tmp_path / "c.tsv"))
     assert options.centerline_mode == "file" and options.centerline_file == tmp_path / "c.tsv"
     assert pipeline.default_segment_fn() is pipeline.shipped_segmenter
-    # --levels auto asks for the coarse model's disc heatmaps, so its bundle is part of the identity
+    # --levels auto asks for disc heatmaps, so their bundle (when one ships) is part of the identity
     assert pipeline.inference_options(cfg.with_changes(levels="auto")).disc_heatmaps is True
     assert set(pipeline.model_identity(cfg, None)["bundles"]) == {"segmentation"}
+    levels = {"levels"} if registry.default_bundle("levels", required=False) else set()
     assert set(pipeline.model_identity(cfg.with_changes(levels="auto"), None)["bundles"]) == {"segmentation",
-                                                                                             "centerline"}
+                                                                                             *levels}
+    auto = cfg.with_changes(centerline="auto", levels="auto")
+    assert set(pipeline.model_identity(auto, None)["bundles"]) == {"segmentation", "centerline", *levels}
 
 
 def test_work_dir_receives_temporary_files(bids_two, tmp_path, monkeypatch):
