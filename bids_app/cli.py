@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bids_app import __version__
-from bids_app.config import DEFAULT_CONTRASTS, DEFAULT_SPLIT_LEVEL, ParticipantConfig
+from bids_app.config import DEFAULT_CONTRASTS, DEFAULT_OVERLAP, DEFAULT_SPLIT_LEVEL, ParticipantConfig
 from bids_app.errors import (
     EXIT_OK,
     ConusError,
@@ -163,7 +163,7 @@ def get_bids_parser() -> ArgumentParser:
     run.add_argument("--centerline-file", "--centerline_file", type=Path, metavar="FILE",
                      help="a centerline mask or points file to use instead (overrides --centerline)")
     run.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    run.add_argument("--overlap", type=_overlap, default=0.5,
+    run.add_argument("--overlap", type=_overlap, default=DEFAULT_OVERLAP,
                      help="sliding-window overlap: fraction of the patch (0.5) or voxels (3); default %(default)s")
     run.add_argument("--levels", choices=("none", "labels", "auto"), default="labels",
                      help="vertebral levels: none, from disc labels when present, or detected (default: %(default)s)")

@@ -14,6 +14,10 @@ DEFAULT_CONTRASTS: tuple[str, ...] = ("T2w", "T1w", "T2starw")
 """Suffixes processed when ``--contrast`` is not given."""
 
 DEFAULT_SPLIT_LEVEL = "T9-T10"
+#: sliding-window overlap (fraction of the patch). 0.33 measured the same Dice as 0.5 on the real
+#: development scans (0.955 / 0.831 / 0.946 vs 0.952 / 0.831 / 0.946) and on 8 synthetic views
+#: (mean difference < 0.001), with fewer windows
+DEFAULT_OVERLAP = 0.33
 """Disc at which ``--split`` separates the cervicothoracic from the lumbosacral cord."""
 
 
@@ -50,7 +54,7 @@ class ParticipantConfig:
     centerline: str = "auto"
     centerline_file: Path | None = None
     tta: bool = False
-    overlap: float | int = 0.5
+    overlap: float | int = DEFAULT_OVERLAP
     """Sliding-window overlap: a fraction of the patch (float < 1) or a number of voxels (int)."""
     levels: str = "labels"
     split: bool = False

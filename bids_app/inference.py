@@ -40,6 +40,7 @@ import numpy as np
 
 from bids_app import centerline as cl
 from bids_app import postprocess
+from bids_app.config import DEFAULT_OVERLAP
 from bids_app.geometry import (
     CropBox,
     apply_affine,
@@ -63,7 +64,7 @@ class InferenceOptions:
     centerline_model: str | None = None  # centerline bundle name or path (None: default)
     centerline_mode: str = "auto"
     centerline_file: Path | None = None
-    overlap: float = 0.5
+    overlap: float = DEFAULT_OVERLAP
     tta: bool = False
     crop_extension_mm: float = 30.0
     trim_margin_mm: float = 10.0
