@@ -47,7 +47,8 @@ def evaluate_real(bids_dir: Path, model: str) -> list[dict]:
     from bids_app.inference import InferenceOptions, Models, segment_image
 
     cfg = ParticipantConfig(bids_dir=bids_dir, output_dir=Path("/nonexistent"), analysis_level="participant")
-    options = InferenceOptions(centerline_model=model, disc_heatmaps=True)
+    # as the pipeline runs --levels auto: the default centerline model, discs from ``model``
+    options = InferenceOptions(levels_model=model, disc_heatmaps=True)
     models = Models(options)
     rows = []
     for run in find_runs(cfg):
