@@ -927,16 +927,39 @@ def _posterior(tangent: np.ndarray) -> np.ndarray:
     return u / max(float(np.linalg.norm(u)), 1e-9)
 
 
+def _drop_crowded(along: np.ndarray, scores: np.ndarray, min_ratio: float) -> np.ndarray:
+    """Indices (sorted) of a chain of positions ``along`` (ascending) after removing, while any
+    gap is shorter than ``min_ratio`` x the median of the neighbouring gaps, the lower-scoring
+    disc of the shortest such gap (a blob between two discs, or beside one, is not a disc)."""
+    keep = list(range(len(along)))
+    while len(keep) >= 4:
+        pos = along[keep]
+        gaps = np.diff(pos)
+        local = np.array([np.median(np.delete(gaps[max(0, i - 2):i + 3], min(i, 2))) for i in range(len(gaps))])
+        ratio = gaps / np.maximum(local, 1e-6)
+        i = int(np.argmin(ratio))
+        if ratio[i] >= min_ratio:
+            break
+        a, b = keep[i], keep[i + 1]
+        keep.remove(a if scores[a] < scores[b] else b)
+    return np.asarray(keep, dtype=int)
+
+
 def disc_points_from_probability(
     prob: np.ndarray, affine: np.ndarray, centerline=None, *, threshold: float = 0.5,
     min_volume_mm3: float = 150.0, min_separation_mm: float = 8.0, max_cord_distance_mm: float = 45.0,
+    max_line_distance_mm: float = 60.0, min_gap_ratio: float = 0.55,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Disc points from a disc-tissue probability map: ``(points_mm (K, 3), scores (K,))``, inferior first.
 
     Each connected blob above ``threshold`` of at least ``min_volume_mm3`` is one disc (of two
     blobs closer than ``min_separation_mm`` along the spine, one disc split in two, the larger
-    is kept); the score is its mean probability. The SCT convention puts disc labels on the
-    canal axis, so each blob is moved there:
+    is kept); the score is its mean probability. With a centerline, blobs whose centre lies
+    farther than ``max_line_distance_mm`` from it (extended straight beyond its ends) are not
+    discs of this spine. Discs are regularly spaced: while a gap between neighbours is shorter
+    than ``min_gap_ratio`` x the median of the nearby gaps, the lower-scoring disc of that gap
+    is dropped (at least four discs needed). The SCT convention puts disc labels on the canal
+    axis, so each blob is moved there:
 
     - within the cord's extent: the centerline point closest to the blob's centre (blobs
       farther than ``max_cord_distance_mm`` from the cord are dropped);
@@ -959,16 +982,26 @@ def disc_points_from_probability(
     centres, scores = np.asarray(centres), np.asarray(scores)
     volume = np.array([len(b) for b in blobs], float)
     line = _centerline_mm(centerline) if centerline is not None else None
-    key = _closest_on_polyline(centres, line, extrapolate=True)[0] if line is not None else centres[:, 2]
+    if line is not None:
+        key, dist, _ = _closest_on_polyline(centres, line, extrapolate=True)
+        near = np.flatnonzero(dist <= max_line_distance_mm)
+        centres, scores, volume, key = centres[near], scores[near], volume[near], key[near]
+        blobs = [blobs[i] for i in near]
+        if not blobs:
+            return np.zeros((0, 3)), np.zeros(0)
+    else:
+        key = centres[:, 2]
     order = np.argsort(key, kind="stable")
     centres, scores, volume, blobs = centres[order], scores[order], volume[order], [blobs[i] for i in order]
+    key = key[order]
     # one disc split in two: keep the larger blob
-    along = _arc_lengths(centres) if len(centres) > 1 else np.zeros(1)
+    along = key if line is not None else (_arc_lengths(centres) if len(centres) > 1 else np.zeros(1))
     kept: list[int] = []
     for i in np.argsort(-volume, kind="stable"):
         if all(abs(along[i] - along[j]) >= min_separation_mm for j in kept):
             kept.append(int(i))
     kept.sort()
+    kept = [kept[i] for i in _drop_crowded(np.asarray(along[kept], float), scores[kept], min_gap_ratio)]
     centres, scores, blobs = centres[kept], scores[kept], [blobs[i] for i in kept]
 
     tangents = _chain_tangents(centres)

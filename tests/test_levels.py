@@ -404,3 +404,38 @@ def test_identify_edge_cases():
     assert lv.identify_discs(too_many, True, True).values is None
     labels = lv.make_disc_labels((21, 20), np.array([[0.0, 0, -10], [0.0, 0, 20]]), np.eye(4))
     assert [d.name for d in labels] == ["T12-L1", "L1-L2"]
+
+
+def test_disc_blobs_far_from_the_spine_or_crowded_between_discs_are_dropped():
+    """Regular discs along the cord are kept; a weaker blob squeezed between two discs (gap 10 mm
+    where discs are 25 mm apart) and a disc-like blob 120 mm from the spine below the cord's end
+    (where blobs are not anchored to the cord) are not discs."""
+    zooms = 1.5
+    shape = (40, 120, 140)
+    affine = np.diag([zooms, zooms, zooms, 1.0])
+    grid = np.indices(shape).transpose(1, 2, 3, 0) * zooms
+    centerline = np.array([[30.0, 20.0, 0.0], [30.0, 20.0, 210.0]])
+    prob = np.zeros(shape, np.float32)
+
+    def blob(centre, value, radii=(8.0, 8.0, 3.0)):
+        inside = (((grid - centre) / radii) ** 2).sum(-1) <= 1.0
+        prob[inside] = value
+
+    discs_z = [30.0, 55.0, 80.0, 105.0, 130.0, 155.0, 180.0]
+    for z in discs_z:
+        blob(np.array([30.0, 40.0, z]), 0.9)          # 20 mm anterior of the cord
+    blob(np.array([30.0, 40.0, 65.0]), 0.6)            # between two discs, weaker
+    points, scores = lv.disc_points_from_probability(prob, affine, centerline)
+    np.testing.assert_allclose(points[:, 2], discs_z, atol=1.0)
+    np.testing.assert_allclose(points[:, 1], 20.0, atol=0.5)     # moved onto the cord
+    assert (scores > 0.85).all()
+    loose, _ = lv.disc_points_from_probability(prob, affine, centerline, min_gap_ratio=0.0)
+    assert len(loose) == len(discs_z) + 1 and any(abs(z - 65.0) < 1.5 for z in loose[:, 2])
+
+    # the cord ends at z = 100 mm: below it, a blob far in front of the spine is dropped
+    short = np.array([[30.0, 20.0, 100.0], [30.0, 20.0, 210.0]])
+    blob(np.array([30.0, 160.0, 42.0]), 0.9)
+    points, _ = lv.disc_points_from_probability(prob, affine, short)
+    np.testing.assert_allclose(points[:, 2], discs_z, atol=1.5)
+    loose, _ = lv.disc_points_from_probability(prob, affine, short, max_line_distance_mm=1e9)
+    assert (loose[:, 1] > 100.0).any()      # without the distance check it would count as a disc
