@@ -35,6 +35,13 @@ SHIPPED_BUNDLES: dict[str, dict] = {
         "input to the global centerline fit",
         "default": True,
     },
+    "spine-coarse": {
+        "folder": "spine-coarse",
+        "task": "levels",
+        "description": "coarse 3D U-Net at 1.5 mm over the whole field of view with three outputs (cord, "
+        "intervertebral discs, C2/sacrum anchors): the discs for --levels auto",
+        "default": True,
+    },
 }
 
 #: role (registry ``task``) -> the bundle metadata tasks that can serve it

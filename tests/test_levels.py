@@ -396,6 +396,20 @@ def test_identify_low_confidence_is_skipped_not_guessed():
     assert lv.identify_discs(_detected(lumbar, 1.0, seed=4), False, False, conus).values is None
 
 
+def test_identify_without_anchor_does_not_infer_missed_discs():
+    """From the spacing priors and the conus alone, a labelling that needs an undetected disc is
+    skipped: that is where an off-by-one count hides. The full chain is accepted."""
+    truth = [25, 24, 23, 22, 21, 20, 19, 18, 17]       # L5-S1 .. T9-T10 (the shape of the synthetic views)
+    conus = np.array([0.0, 8.0, -np.interp(20.8, lv._TEMPLATE_VALUES, lv._TEMPLATE_POS)])
+    full = lv.identify_discs(_detected(truth, 1.0, seed=5), False, False, conus)
+    gap = [v for v in truth if v != 22]                 # L3-L4 missed
+    missed = lv.identify_discs(_detected(gap, 1.0, seed=5), False, False, conus)
+    assert missed.values is None and "would have to be inferred" in missed.reason
+    assert full.values in (None, tuple(truth))          # never a wrong count
+    # with the sacrum in view the same detections are counted, the missed disc inferred
+    assert lv.identify_discs(_detected(gap, 1.0, seed=5), True, False, conus).values == tuple(gap)
+
+
 def test_identify_edge_cases():
     assert lv.identify_discs(np.zeros((0, 3)), True, True) == (None, 0.0, "no discs detected")
     one = lv.identify_discs(np.array([[0.0, 8.0, -500.0]]), True, False)
