@@ -28,19 +28,19 @@ SHIPPED_BUNDLES: dict[str, dict] = {
         "trained on synthetic images only",
         "default": True,
     },
+    "spine-coarse": {
+        "folder": "spine-coarse",
+        "task": "centerline",
+        "description": "coarse 3D U-Net at 1.5 mm over the whole field of view with three outputs (cord "
+        "heatmap for the global centerline fit, intervertebral discs for --levels auto, C2/sacrum anchors)",
+        "default": True,
+    },
     "centerline-coarse": {
         "folder": "centerline-coarse",
         "task": "centerline",
         "description": "coarse 3D U-Net cord heatmap at 1.5 mm isotropic over the whole field of view, "
-        "input to the global centerline fit",
-        "default": True,
-    },
-    "spine-coarse": {
-        "folder": "spine-coarse",
-        "task": "levels",
-        "description": "coarse 3D U-Net at 1.5 mm over the whole field of view with three outputs (cord, "
-        "intervertebral discs, C2/sacrum anchors): the discs for --levels auto",
-        "default": True,
+        "input to the global centerline fit (the previous default; no discs)",
+        "default": False,
     },
 }
 

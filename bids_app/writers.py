@@ -88,6 +88,8 @@ def _auto_discs(ctx) -> tuple[list | None, list[Path]]:
         warnings.simplefilter("always", lv.DiscLabelWarning)
         label = lv.discs_to_label_image(discs, ctx.loaded.data.shape, ctx.loaded.affine)
     ctx.warnings.extend(f"detected discs: {w.message}" for w in caught)
+    ctx.warnings.append("--levels auto is experimental (disc model trained on synthetic images only): check "
+                        f"the detected discs ({ctx.paths.discs.name}) before relying on levels or the split")
     return discs, [save_like(label, ctx.loaded.img, ctx.paths.discs)]
 
 

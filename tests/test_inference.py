@@ -474,6 +474,7 @@ def _run_pipeline(tmp_path, tiny_bundles, centerline="spine", sacrum=True, discs
 def test_levels_auto_writes_detected_discs_and_split(tmp_path, tiny_bundles, fake_networks):
     summary, bids, anat, sidecar, planted = _run_pipeline(tmp_path, tiny_bundles, levels="auto", split=True)
     assert summary.exit_code == 0 and summary.count("ok") == 1
+    assert any("experimental" in w and "label-discs_dlabel" in w for w in sidecar["Warnings"])
     src = nib.load(bids / "sub-01" / "anat" / "sub-01_T2w.nii.gz")
     dlabel = nib.load(anat / "sub-01_T2w_label-discs_dlabel.nii.gz")
     for name in GEOMETRY_FIELDS:
