@@ -105,6 +105,25 @@ class SegmentationResult:
     coarse_heatmaps: dict | None = None
 
 
+def levels_bundle(centerline, levels_model: str | None = None):
+    """The bundle whose disc heatmaps ``--levels auto`` reads: the (loaded) ``centerline`` bundle
+    when it predicts discs and no ``levels_model`` is named, else ``levels_model`` or the shipped
+    default levels bundle, loaded; None when there is none."""
+    from bids_app.bundle import load_bundle
+    from bids_app.registry import default_bundle
+
+    if levels_model is None and centerline is not None and centerline.channel("discs") is not None:
+        return centerline
+    name = levels_model or default_bundle("levels", required=False)
+    return load_bundle(name) if name else None
+
+
+def _segmentation_windows(work: np.ndarray, waff: np.ndarray, models, overlap) -> int:
+    """Sliding windows the segmentation model needs to cover the whole working image."""
+    fine_shape, _ = grid_for_spacing(work.shape, waff, models.segmentation.spacing)
+    return count_windows(fine_shape, models.segmentation.patch_size, overlap)
+
+
 class Models:
     """The bundles one participant-level invocation uses, loaded (and verified) once.
 
@@ -122,14 +141,7 @@ class Models:
         self.centerline = None
         if options.centerline_mode == "auto":
             self.centerline = load_bundle(options.centerline_model or default_bundle("centerline"))
-        self.levels = None
-        if options.disc_heatmaps:
-            if (options.levels_model is None and self.centerline is not None
-                    and self.centerline.channel("discs") is not None):
-                self.levels = self.centerline
-            else:
-                name = options.levels_model or default_bundle("levels", required=False)
-                self.levels = load_bundle(name) if name else None
+        self.levels = levels_bundle(self.centerline, options.levels_model) if options.disc_heatmaps else None
         for role in ("segmentation", "centerline", "levels"):
             bundle = getattr(self, role)
             if bundle is not None and not serves(role, bundle.task):
@@ -273,8 +285,7 @@ def _working_centerline(loaded, reo, work, waff, options, models, reference, war
         return cl.centerline_from_mask(reo.to_working(reference.data), waff), None, None
     if options.centerline_mode == "file":
         return cl.centerline_from_file(options.centerline_file, work.shape, waff), None, None
-    fine_shape, _ = grid_for_spacing(work.shape, waff, models.segmentation.spacing)
-    windows = count_windows(fine_shape, models.segmentation.patch_size, options.overlap)
+    windows = _segmentation_windows(work, waff, models, options.overlap)
     if windows <= options.whole_image_windows:
         prob, centre = _whole_image_segmentation(work, waff, models, options)
         return centre, prob, None
@@ -333,8 +344,7 @@ def segment_image(
             prob_work = _segment_crop(work, waff, centre, models, options)
             if options.centerline_mode == "auto" and not (prob_work >= models.segmentation.threshold).any():
                 # the coarse centerline was a decoy (e.g. a cord-like blob off the spine): look everywhere
-                fine_shape, _ = grid_for_spacing(work.shape, waff, models.segmentation.spacing)
-                windows = count_windows(fine_shape, models.segmentation.patch_size, options.overlap)
+                windows = _segmentation_windows(work, waff, models, options.overlap)
                 if windows <= options.fallback_windows:
                     warnings.append("the segmentation found no cord around the coarse centerline; the "
                                     f"segmentation model was run over the whole image ({windows} windows)")

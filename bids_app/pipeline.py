@@ -119,8 +119,9 @@ def inference_options(cfg: ParticipantConfig):
     from bids_app.inference import InferenceOptions
 
     mode = "file" if cfg.centerline_file is not None else cfg.centerline
-    return InferenceOptions(model=cfg.model, centerline_model=cfg.centerline_model, centerline_mode=mode, centerline_file=cfg.centerline_file,
-                            overlap=cfg.overlap, tta=cfg.tta, disc_heatmaps=cfg.levels == "auto")
+    return InferenceOptions(model=cfg.model, centerline_model=cfg.centerline_model, centerline_mode=mode,
+                            centerline_file=cfg.centerline_file, overlap=cfg.overlap, tta=cfg.tta,
+                            disc_heatmaps=cfg.levels == "auto")
 
 
 _MODELS_CACHE: dict[Any, Any] = {}
@@ -157,17 +158,16 @@ def model_identity(cfg: ParticipantConfig, segment_fn: SegmentFn | None) -> dict
     if info is not None:
         return dict(info)
     from bids_app import bundle, registry
+    from bids_app.inference import levels_bundle
 
     names = {"segmentation": cfg.model or registry.default_bundle("segmentation")}
     if cfg.centerline == "auto" and cfg.centerline_file is None:
         names["centerline"] = cfg.centerline_model or registry.default_bundle("centerline")
     bundles = {task: bundle.load_bundle(name) for task, name in names.items()}
-    if cfg.levels == "auto":   # the disc heatmaps' bundle (as bids_app.inference.Models picks it)
-        centerline = bundles.get("centerline")
-        if centerline is None or centerline.channel("discs") is None:
-            name = registry.default_bundle("levels", required=False)
-            if name:
-                names["levels"], bundles["levels"] = name, bundle.load_bundle(name)
+    if cfg.levels == "auto":   # the disc heatmaps' bundle, when it is not the centerline one
+        levels = levels_bundle(bundles.get("centerline"))
+        if levels is not None and levels is not bundles.get("centerline"):
+            names["levels"], bundles["levels"] = levels.name, levels
     return {
         "name": str(names["segmentation"]),
         "sha256": "+".join(b.sha256 for b in bundles.values()),
