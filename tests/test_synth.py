@@ -18,7 +18,7 @@ from bids_app.errors import BadDataError, InputMissingError, UsageError
 from bids_app.synth import CORD_LABELS, LABELS, generate_crop, generate_sample
 from bids_app.synth.bids_writer import main_synth, reorient_sample, write_synthetic_bids
 from bids_app.synth.labels import CANAL_CONTENT_LABELS, disc_name
-from bids_app.synth.template import load_pam50_template
+from bids_app.synth.template import MIN_CONUS_AREA_MM2, TEMPLATE_SPACING, load_pam50_template, make_phantom_template, trim_filum
 
 BONE = [LABELS[k] for k in ("vertebral_body", "posterior_elements", "disc_annulus", "disc_nucleus", "sacrum")]
 
@@ -188,6 +188,31 @@ def test_render_sac_contains_even_an_oversized_cord():
     ring = ndimage.binary_dilation(np.isin(r.labels, CORD_LABELS), structure=np.ones((3, 3, 1), bool))
     assert (csf & ring).sum() > 0.3 * (ring & ~np.isin(r.labels, CORD_LABELS)).sum()
     assert not np.isin(r.labels[ring], BONE).any()
+
+
+def test_trim_filum_ends_the_cord_where_it_is_thick_enough():
+    px = TEMPLATE_SPACING[0] * TEMPLATE_SPACING[1]
+    cord = np.zeros((20, 20, 30), bool)
+    cord[8:12, 8:12, 12:] = True                     # 16 px = 4 mm² from slice 12 up
+    cord[10, 10, 2:12] = True                        # a 0.25 mm² thread below it
+    cord[9, 10, 5] = True
+    out = trim_filum(cord)
+    assert not out[:, :, :12].any() and np.array_equal(out[:, :, 12:], cord[:, :, 12:])
+    # the threshold is an area: a thread of 3 mm² and more stays cord
+    assert np.array_equal(trim_filum(cord, min_area_mm2=px), cord)
+    # a cord thinner than the threshold everywhere is left alone rather than erased
+    thin = np.zeros_like(cord)
+    thin[10, 10, :] = True
+    assert np.array_equal(trim_filum(thin), thin)
+
+
+def test_templates_end_the_cord_at_a_blunt_conus(mini_pam50):
+    for tpl in (make_phantom_template(), load_pam50_template(mini_pam50)):
+        k = int(round(tpl.conus_z / TEMPLATE_SPACING[2]))
+        assert np.pi * tpl.cord_radius[k] ** 2 >= MIN_CONUS_AREA_MM2 - 1e-6, tpl.name
+        assert tpl.cord_radius[:k].max(initial=0) == 0
+        # the sac still reaches below the tip, where the filum runs
+        assert (tpl.sac_sdf[:, :, max(k - 3, 0)] < 0).any()
 
 
 def test_crops_below_conus_have_empty_cord():

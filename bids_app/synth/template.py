@@ -53,6 +53,10 @@ _LUMBAR_BLOCKS = (("L2", 35.0, 1.05), ("L3", 37.0, 1.10), ("L4", 38.0, 1.15), ("
 _SACRUM_HEIGHT = 90.0      # mm below the L5-S1 disc centre
 _BOTTOM_MARGIN = 10.0      # mm of template below the sacrum
 _SAC_END_BELOW_S1 = 27.0   # the dural sac ends about S2
+#: The cord ends where its cross-section first reaches this area (mm²) from below: the thin
+#: thread under it (PAM50's cord mask ends in about 10 mm of 1-2 mm²) is the filum terminale,
+#: which the renderer draws itself, not cord.  Real filum: 1-2 mm across.
+MIN_CONUS_AREA_MM2 = 3.0
 
 
 @dataclass(frozen=True)
@@ -136,11 +140,23 @@ def _vertebra_per_slice(disc_z: dict[int, float], nz: int) -> np.ndarray:
     return out
 
 
+def trim_filum(cord: np.ndarray, min_area_mm2: float = MIN_CONUS_AREA_MM2) -> np.ndarray:
+    """``cord`` without its caudal thread: slices below the first one (from the bottom) whose
+    cross-section reaches ``min_area_mm2`` are cleared.  Axis 2 is z (inferior first)."""
+    area = cord.sum(axis=(0, 1)) * TEMPLATE_SPACING[0] * TEMPLATE_SPACING[1]
+    thick = np.nonzero(area >= min_area_mm2)[0]
+    out = cord.copy()
+    if thick.size:
+        out[:, :, : thick[0]] = False
+    return out
+
+
 def _finish(name, static, cord, sac, gm, disc_z, sac_end_z) -> SpineTemplate:
     """Compute distance maps and annotations and freeze a template."""
     si, sj = _sdf_slices()
+    sac_box = sac[si, sj] | cord[si, sj]       # the thread stays inside the sac
+    cord = trim_filum(cord)
     cord_box = cord[si, sj]
-    sac_box = sac[si, sj] | cord_box
     # inside the dural sac the static map says epidural fat: a shrunken sac reveals fat
     static = static.copy()
     static[sac | cord] = LABELS["epidural_fat"]
@@ -289,7 +305,7 @@ def _extrude_anterior(mask: np.ndarray, edge_j: int, depth_mm: np.ndarray) -> No
 
 
 #: Bump when the template construction changes (invalidates the on-disk cache).
-TEMPLATE_VERSION = "3"
+TEMPLATE_VERSION = "4"
 
 
 def cache_dir() -> Path | None:
