@@ -254,6 +254,12 @@ def test_below_conus_view_is_empty():
     assert np.isin(s.labels, [LABELS["cauda_equina"]]).any()
 
 
+def test_axial_thoracolumbar_request_stays_lumbar():
+    for seed in range(4):
+        s = generate_sample(seed, source="phantom", region="thoracolumbar", acquisition="axial", spacing=(2.0, 2.0, 2.0))
+        assert s.region == "lumbosacral" and s.meta["acquisition"] == "axial", seed
+
+
 def test_axial_thick_slices_blur_along_z_only():
     s = generate_crop(8, source="phantom", region="thoracic", acquisition="axial", contrast="T2w")
     assert s.meta["acquisition"] == "axial" and s.meta["voxel"][2] >= 3.0

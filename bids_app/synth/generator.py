@@ -360,7 +360,10 @@ def generate_sample(seed: int, *, source: str = "phantom", pam50_dir=None, regio
     roots = random_roots(rng, tpl, geo)
     acq = random_acquisition(rng, contrast, acquisition)
     if acq.kind == "axial" and region in ("whole", "thoracic", "thoracolumbar"):
-        region = str(rng.choice(["cervical", "lumbosacral"]))
+        # an axial thick-slice stack covers a short stretch: its lower end for a thoracolumbar
+        # request (so that a lumbar-only dataset never gets a cervical image), else either end
+        choice = str(rng.choice(["cervical", "lumbosacral"]))
+        region = "lumbosacral" if region == "thoracolumbar" else choice
     zlo, zhi = _fov_z(rng, tpl, geo, region)
     vox = np.array(acq.voxel)
     # in-plane field of view around the canal at the middle of the FOV
