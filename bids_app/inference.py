@@ -261,7 +261,11 @@ def _segment_crop(work, waff, centre: cl.Centerline, models: Models, options: In
     bundle = models.segmentation
     fine_shape, faff = grid_for_spacing(work.shape, waff, bundle.spacing)
     pts = apply_affine(np.linalg.inv(faff), centre.points_mm)
-    half_xy = [p // 2 for p in bundle.patch_size[:2]]
+    # the box only has to hold the ROI tube (windows outside it are skipped anyway): a margin of
+    # the ROI radius, not half a patch, keeps a straight cord inside one window across (a 38 mm
+    # wide sagittal scan needed two windows per block with half-patch margins: 32 vs 16 windows)
+    half_xy = [min(p // 2, int(np.ceil(options.roi_radius_mm / s)) + 2)
+               for p, s in zip(bundle.patch_size[:2], bundle.spacing[:2], strict=True)]
     box = box_around_points(pts, half_xy, options.crop_extension_mm, fine_shape, spacing=bundle.spacing,
                             min_size=bundle.patch_size)
     caff = _crop_affine(faff, box)

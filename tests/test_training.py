@@ -233,3 +233,19 @@ def test_selection_score_weighs_every_output():
     assert selection_score(val, ("cord", "discs", "anchors")) == pytest.approx(0.5)
     empty = {"all": {"dice_mean": None, "dice_pooled": 1.0}}
     assert selection_score(empty) == pytest.approx(1.0)
+
+
+def test_train_records_the_bundle_it_was_warm_started_from(tmp_path):
+    """``conus train --init-from`` writes the starting bundle's name and sha256 into the metadata."""
+    from bids_app.bundle import load_bundle
+    from bids_app.cli import main
+    from tests.fixtures import simple_dataset
+
+    bids = simple_dataset(tmp_path / "bids", subjects=("01", "02", "03", "04"))
+    start = load_bundle("seg-general")
+    rc = main(["train", "--data", str(bids), "--init-from", "seg-general", "--out", str(tmp_path / "warm"),
+               "--run-dir", str(tmp_path / "run"), "--steps", "1", "--epochs", "1", "--batch-size", "1",
+               "--threads", "1", "--workers", "0", "-q"])
+    assert rc == 0
+    init = load_bundle(tmp_path / "warm").metadata["training"]["init_from"]
+    assert init["sha256"] == start.sha256 and init["name"] == "seg-general" and init["layers_copied"] > 10

@@ -45,6 +45,7 @@ DEFAULT_ARCH = "unet3d-b8d3"
 CHECKPOINT = "checkpoint.keras"
 BEST_WEIGHTS = "best.weights.h5"
 STATE = "state.json"
+INIT_FROM_FILE = "init_from.json"   # the bundle a warm-started run began from
 
 
 @dataclass(frozen=True)
@@ -531,8 +532,12 @@ def main_train(args) -> int:
         if init_from and not args.resume:
             from bids_app.bundle import load_bundle
 
-            copied = warm_start(model, load_bundle(init_from).load_model())
+            start = load_bundle(init_from)
+            copied = warm_start(model, start.load_model())
             LOG.info("warm start from %s: %d layers copied", init_from, len(copied))
+            # kept in the run folder so that a resumed run still records where it started
+            (run_dir / INIT_FROM_FILE).write_text(json.dumps(
+                {"name": start.name, "path": str(init_from), "sha256": start.sha256, "layers_copied": len(copied)}))
         LOG.info("%s: %d parameters, %d TF threads, %d data workers", recipe.arch, model.count_params(),
                  recipe.threads, recipe.workers)
         result = run_training(model, recipe, producer, task, val_set, run_dir, resume=args.resume, argv=argv,
@@ -549,8 +554,11 @@ def main_train(args) -> int:
     from bids_app.registry import SHIPPED_BUNDLES
 
     description = SHIPPED_BUNDLES.get(name, {}).get("description") or f"{task.task} 3D U-Net trained by conus train"
+    init_file = run_dir / INIT_FROM_FILE
+    extra = {"init_from": json.loads(init_file.read_text())} if init_file.is_file() else None
     bundle = export_bundle(result, Path(args.out), name=name, task=task, recipe=recipe, data=data_desc,
-                           validation=validation, normalisation=normalisation, description=description)
+                           validation=validation, normalisation=normalisation, description=description,
+                           extra_training=extra)
     LOG.info("wrote bundle %s (sha256 %s)", bundle.path, bundle.sha256[:12])
     print(f"bundle written: {bundle.path}  ({result.steps} steps, {result.seconds:.0f} s)")
     return 0
