@@ -18,7 +18,13 @@ from bids_app.errors import BadDataError, InputMissingError, UsageError
 from bids_app.synth import CORD_LABELS, LABELS, generate_crop, generate_sample
 from bids_app.synth.bids_writer import main_synth, reorient_sample, write_synthetic_bids
 from bids_app.synth.labels import CANAL_CONTENT_LABELS, disc_name
-from bids_app.synth.template import MIN_CONUS_AREA_MM2, TEMPLATE_SPACING, load_pam50_template, make_phantom_template, trim_filum
+from bids_app.synth.template import (
+    MIN_CONUS_AREA_MM2,
+    TEMPLATE_SPACING,
+    load_pam50_template,
+    make_phantom_template,
+    trim_filum,
+)
 
 BONE = [LABELS[k] for k in ("vertebral_body", "posterior_elements", "disc_annulus", "disc_nucleus", "sacrum")]
 
