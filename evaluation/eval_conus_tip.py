@@ -43,18 +43,16 @@ def tip_crops(pam50: str | None, n: int, seed_base: int, patch_size, spacing, st
     return out
 
 
-def evaluate(bundle_path: str, pam50: str | None, n: int, seed_base: int, strength: float) -> dict:
-    """Tip errors (mm), Dice and the sub-3-mm share of one bundle on the tip crops."""
+def evaluate(bundle, crops: list) -> dict:
+    """Tip errors (mm), Dice and the sub-3-mm share of one loaded bundle on the tip ``crops``
+    (from :func:`tip_crops` at the bundle's patch size and spacing)."""
     from bids_app import centerline as cl
-    from bids_app.bundle import load_bundle
     from bids_app.metrics import dice
 
-    bundle = load_bundle(bundle_path)
     predict = bundle.predict_fn()
     affine = np.diag([*map(float, bundle.spacing), 1.0])
     errors, signed, dices, contrasts, missed = [], [], [], [], 0
     extent, past, empty = [], 0, 0
-    crops = tip_crops(pam50, n, seed_base, bundle.patch_size, bundle.spacing, strength)
     for _, s in crops:
         prob = predict(s.image[None, ..., None].astype(np.float32))[0, ..., 0]
         pred = (prob >= bundle.threshold).astype(np.uint8)
@@ -80,7 +78,7 @@ def evaluate(bundle_path: str, pam50: str | None, n: int, seed_base: int, streng
     n_crops = len(crops)
     ext = np.abs(extent)
     return {
-        "bundle": str(bundle_path), "n_crops": n_crops,
+        "bundle": str(bundle.path), "n_crops": n_crops,
         "inferior_extent_error_mm_median": float(np.median(ext)) if extent else None,
         "inferior_extent_within_3mm": float((ext <= 3.0).sum() / n_crops) if n_crops else None,
         "inferior_extent_signed_mm_median": float(np.median(extent)) if extent else None,
@@ -109,10 +107,17 @@ def main(argv=None) -> int:
     parser.add_argument("--strength", type=float, default=1.0, help="deformation/size range (1 = training)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    from bids_app.bundle import load_bundle
+
     results = []
+    crops_by_grid: dict[tuple, list] = {}   # bundles on the same grid share one set of crops
     for b in args.bundles:
         t = time.perf_counter()
-        r = evaluate(b, args.pam50, args.n, args.seed_base, args.strength)
+        bundle = load_bundle(b)
+        grid = (tuple(bundle.patch_size), tuple(bundle.spacing))
+        if grid not in crops_by_grid:
+            crops_by_grid[grid] = tip_crops(args.pam50, args.n, args.seed_base, *grid, args.strength)
+        r = evaluate(bundle, crops_by_grid[grid])
         r["seconds"] = round(time.perf_counter() - t, 1)
         results.append(r)
         print(f"{b}: inferior extent error median {r['inferior_extent_error_mm_median']:.1f} mm "

@@ -361,7 +361,8 @@ def generate_sample(seed: int, *, source: str = "phantom", pam50_dir=None, regio
     acq = random_acquisition(rng, contrast, acquisition)
     if acq.kind == "axial" and region in ("whole", "thoracic", "thoracolumbar"):
         # an axial thick-slice stack covers a short stretch: its lower end for a thoracolumbar
-        # request (so that a lumbar-only dataset never gets a cervical image), else either end
+        # request (so that a lumbar-only dataset never gets a cervical image), else either end.
+        # The draw is made in every case so that the later draws of a seed stay as they were.
         choice = str(rng.choice(["cervical", "lumbosacral"]))
         region = "lumbosacral" if region == "thoracolumbar" else choice
     zlo, zhi = _fov_z(rng, tpl, geo, region)
