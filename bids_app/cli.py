@@ -33,11 +33,13 @@ from bids_app.errors import (
     UnknownAnalysisLevelError,
     UsageError,
 )
+from bids_app.synth.features import ABLATIONS
 
 LOG = logging.getLogger("conus")
 ANALYSIS_LEVELS = ("participant", "group")
 TOOLS = ("demo", "synth", "train", "finetune")
 CONTRASTS = ("T2w", "T1w", "T2starw")
+ENGINE_VARIANTS = tuple(ABLATIONS)
 SPLIT_LEVEL_RE = re.compile(r"^[CTLS][0-9]{1,2}-[CTLS][0-9]{1,2}$")
 
 #: tool name -> (module, function) called with the parsed argparse namespace; returns an exit code.
@@ -233,6 +235,9 @@ def get_tools_parser() -> ArgumentParser:
                               help="segmentation (fine crops), centerline (coarse cord heatmap) or spine "
                                    "(coarse cord + disc + C2/sacrum heatmaps)")
             tool.add_argument("--architecture", default=None, help="network architecture name")
+            tool.add_argument("--engine", choices=ENGINE_VARIANTS, default="full",
+                              help="synthetic engine variant: the full engine, or one realism feature "
+                                   "turned off (ablations; default: %(default)s)")
             tool.add_argument("--init-from", default=None, metavar="MODEL",
                               help="start from this bundle's weights (layers of the same name and shape; "
                                    "an output layer with more channels keeps the bundle's first ones)")

@@ -68,3 +68,22 @@ def test_markdown_report_lists_every_case(proof):
     text = proof.markdown_report(result)
     assert "| sub-001_T2w | T2w | 0.5000 | 0.7500 | +0.2500 | n/a | 0.7000 |" in text
     assert "| dice | 1 | 0.5000 | 0.7500 |" in text and "| dice_lumbosacral | 0 |" in text
+
+
+def test_engine_ablation_commands_and_table(tmp_path):
+    abl = _load("engine_ablation")
+    args = abl.parse_args([str(tmp_path), "--pam50", "/pam50", "--arms", "no-artefacts:3", "--epochs", "4"])
+    cmd = abl.train_command(args, "no-artefacts:3")
+    # every arm: the same recipe, its own engine variant and seed, step-budgeted (no time budget)
+    assert cmd[cmd.index("--engine") + 1] == "no-artefacts" and cmd[cmd.index("--seed") + 1] == "3"
+    assert cmd[cmd.index("--epochs") + 1] == "4" and "--max-minutes" not in cmd and "--resume" not in cmd
+    run_dir, bundle = abl.arm_dirs(tmp_path, "no-artefacts:3")
+    assert bundle == tmp_path / "no-artefacts-s3" / "bundle"
+    run_dir.mkdir(parents=True)
+    (run_dir / "state.json").write_text("{}")
+    assert abl.train_command(args, "no-artefacts:3")[-1] == "--resume"   # a killed arm resumes
+    results = {"full:1": {"steps": 500, "train_seconds": 1500, "real_dice": {"sub-1_T2w": 0.9, "sub-2_T1w": 0.7},
+                          "phantom_dice": {"cervical": 0.8, "thoracic": 0.6, "lumbosacral": 0.4}}}
+    lines = abl.table(results).splitlines()
+    assert lines[0].split(" | ")[3:5] == ["T2w", "T1w"]
+    assert lines[2] == "| full:1 | 500 | 25 | 0.900 | 0.700 | 0.800 | 0.800 | 0.600 | 0.400 | 0.600 |"

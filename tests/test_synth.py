@@ -433,3 +433,96 @@ def test_crop_pool_round_trip(tmp_path):
     np.testing.assert_array_equal(items[1][1], ref.cord)
     with pytest.raises(InputMissingError):
         next(iter_crop_pool(tmp_path / "empty"))
+
+
+# --------------------------------------------------------------------------- realism features (ablations)
+
+
+def test_engine_variants_are_named_and_full_is_the_default():
+    from bids_app.synth.features import ABLATIONS, FULL, Features, features_named
+
+    assert features_named("full") == FULL == Features() and FULL.off() == []
+    assert features_named("no-acquisition").off() == ["acquisition"]
+    assert set(features_named("plain").off()) == {"artefacts", "extra_tissues", "size_variation"}
+    # every single-feature arm turns exactly the feature it names off
+    for name, f in ABLATIONS.items():
+        if name.startswith("no-"):
+            assert f.off() == [name[3:].replace("-", "_")], name
+    with pytest.raises(ValueError, match="no-artefacts"):
+        features_named("no-cord")
+
+
+def test_size_variation_off_keeps_template_sizes_and_other_draws():
+    from bids_app.synth.deform import random_cord
+
+    tpl = make_phantom_template()
+    on = random_cord(np.random.default_rng(4), tpl)
+    off = random_cord(np.random.default_rng(4), tpl, size_variation=False)
+    assert (off.scale_x, off.scale_y, off.canal_x, off.canal_y, off.lumbar_enlargement) == (1, 1, 1, 1, 1)
+    assert (on.scale_x, on.scale_y) != (1, 1)
+    # the same random numbers are drawn: everything but the sizes is unchanged
+    assert (off.shift_x, off.shift_y, off.rim, off.conus_z, off.n_roots) == \
+        (on.shift_x, on.shift_y, on.rim, on.conus_z, on.n_roots)
+
+
+def test_deformation_off_gives_a_straight_untilted_spine():
+    from bids_app.synth.features import Features
+
+    for seed in range(3):
+        s = generate_crop(seed, source="phantom", region="thoracic", features=Features(deformation=False))
+        line = s.centerline_mm
+        assert len(line) > 20
+        assert np.ptp(line[:, 0]) < 0.01 and np.ptp(line[:, 1]) < 0.01, seed
+        bent = generate_crop(seed, source="phantom", region="thoracic").centerline_mm
+        assert max(np.ptp(bent[:, 0]), np.ptp(bent[:, 1])) > 0.1, seed
+
+
+def test_extra_tissues_off_gives_roots_the_csf_intensity():
+    """Below the conus, T2w: roots are dark in CSF with the full engine, invisible without extra tissues."""
+    from bids_app.synth.features import Features
+
+    quiet = dict(source="phantom", region="below_conus", contrast="T2w", acquisition="iso")
+    for features, same in ((Features(), False), (Features(extra_tissues=False, acquisition=False), True)):
+        s = generate_crop(3, features=features, **quiet)
+        roots = s.image[ndimage.binary_erosion(s.labels == LABELS["cauda_equina"])]
+        csf = s.image[ndimage.binary_erosion(s.labels == LABELS["csf"], iterations=2)]
+        assert roots.size > 20 and csf.size > 100
+        gap = abs(np.median(roots) - np.median(csf)) / np.median(csf)
+        assert (gap < 0.1) == same, (features, gap)
+
+
+def test_acquisition_off_renders_on_the_working_grid():
+    from bids_app.synth.features import Features
+
+    thick = generate_crop(8, source="phantom", region="thoracic", acquisition="axial", contrast="T2w")
+    sharp = generate_crop(8, source="phantom", region="thoracic", acquisition="axial", contrast="T2w",
+                          features=Features(acquisition=False))
+    assert thick.meta["acquisition"] == "axial" and sharp.meta["acquisition"] == "iso"
+    assert sharp.meta["voxel"] == pytest.approx((0.5, 0.5, 1.0))
+    # thick axial slices smooth the image along z; the working-grid image keeps its z detail
+    dz = [np.abs(np.diff(s.image, axis=2)).mean() / np.abs(np.diff(s.image, axis=0)).mean() for s in (thick, sharp)]
+    assert dz[0] < dz[1]
+    view = generate_sample(2, source="phantom", region="cervical", acquisition="sagittal",
+                           features=Features(acquisition=False))
+    assert view.meta["acquisition"] == "iso" and view.spacing == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_artefacts_off_never_draws_ghosts_motion_or_wrap(monkeypatch):
+    from bids_app.synth import intensity
+    from bids_app.synth.features import Features
+
+    def boom(*args, **kwargs):
+        raise AssertionError("artefact drawn")
+
+    for name in ("ghosting", "motion", "wrap_around"):
+        monkeypatch.setattr(intensity, name, boom)
+    seeds = range(12)
+    for seed in seeds:
+        generate_crop(seed, source="phantom", patch_size=(24, 24, 16), features=Features(artefacts=False))
+    drawn = 0
+    for seed in seeds:
+        try:
+            generate_crop(seed, source="phantom", patch_size=(24, 24, 16))
+        except AssertionError:
+            drawn += 1
+    assert drawn > 0    # the full engine does draw them for some of these seeds

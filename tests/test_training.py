@@ -12,10 +12,12 @@ import pytest
 from bids_app import registry
 from bids_app.errors import UsageError
 from bids_app.training.dataset import (
+    TASKS,
     VALIDATION_SEED,
     ArraySource,
     PatchProducer,
     StreamConfig,
+    SyntheticSource,
     TaskConfig,
     build_set,
     epoch_samples,
@@ -249,3 +251,30 @@ def test_train_records_the_bundle_it_was_warm_started_from(tmp_path):
     assert rc == 0
     init = load_bundle(tmp_path / "warm").metadata["training"]["init_from"]
     assert init["sha256"] == start.sha256 and init["name"] == "seg-general" and init["layers_copied"] > 10
+
+
+def test_cosine_schedule_by_epochs_without_a_time_budget(tmp_path, val_set):
+    """Without --max-minutes, --schedule cosine decays over the epochs (the engine ablation's arms)."""
+    configure_tensorflow(1, 0)
+    result = run_training(unet3d(base_filters=4, depth=2), _recipe(4, schedule="cosine", min_lr=0.0),
+                          PatchProducer(_source(), workers=0), TASK, val_set, tmp_path / "run", progress=False)
+    lrs = [h["lr"] for h in result.history]
+    expected = [3e-3 * 0.5 * (1 + np.cos(np.pi * e / 4)) for e in range(4)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-4)
+
+
+def test_train_engine_variant_reaches_the_generator():
+    from bids_app.cli import get_tools_parser
+    from bids_app.synth import generate_crop
+    from bids_app.synth.features import Features
+
+    args = get_tools_parser().parse_args(["train", "--synthetic", "--out", "x", "--engine", "no-deformation"])
+    assert args.engine == "no-deformation"
+    assert get_tools_parser().parse_args(["train", "--synthetic", "--out", "x"]).engine == "full"
+    source = SyntheticSource(TASKS["segmentation"], source="phantom", engine="no-deformation")
+    assert source.describe()["engine_variant"] == "no-deformation"
+    image, mask, _ = source(5)
+    ref = generate_crop(5, patch_size=(64, 64, 48), spacing=(0.5, 0.5, 1.0), source="phantom",
+                        features=Features(deformation=False))
+    np.testing.assert_array_equal(image, ref.image)
+    np.testing.assert_array_equal(mask, ref.cord)

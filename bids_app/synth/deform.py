@@ -125,12 +125,13 @@ def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
 
 
 def random_geometry(rng: np.random.Generator, tpl: SpineTemplate, *, strength: float = 1.0,
-                    straight: bool = False) -> SpineGeometry:
+                    straight: bool = False, size_variation: bool = True) -> SpineGeometry:
     """Draw a random spine geometry for ``tpl``.
 
     ``strength`` scales all shape variations (1 = training ranges; > 1 reaches outside them,
     for held-out tests).  ``straight=True`` gives an untilted straight spine of template
-    length (used by tests that need exact geometry).
+    length (used by tests that need exact geometry).  ``size_variation=False`` keeps the
+    template's cord, canal and enlargement sizes (an ablation of :func:`random_cord`'s sizes).
     """
     dz = tpl.disc_z
     s = np.arange(0.0, tpl.nz + EXTRA_TOP)
@@ -162,13 +163,18 @@ def random_geometry(rng: np.random.Generator, tpl: SpineTemplate, *, strength: f
         ay, ax = ay - ay[int(dz[12])], ax - ax[int(dz[12])]
         rot = _rotation(np.deg2rad(rng.uniform(-8, 8) * strength), np.deg2rad(rng.uniform(-4, 4) * strength),
                         np.deg2rad(rng.uniform(-6, 6) * strength))
-    cord = random_cord(rng, tpl, strength=strength)
+    cord = random_cord(rng, tpl, strength=strength, size_variation=size_variation)
     return SpineGeometry(s=s, axis_x=ax, axis_y=ay, axis_z=az, theta=theta, length_scale=geo_len,
                          rotation=rot, origin=np.zeros(3), cord=cord)
 
 
-def random_cord(rng: np.random.Generator, tpl: SpineTemplate, *, strength: float = 1.0) -> CordParams:
-    """Cord size (0.6x-2.5x area, own AP/RL ratio), position in the canal, conus level, CSF rim."""
+def random_cord(rng: np.random.Generator, tpl: SpineTemplate, *, strength: float = 1.0,
+                size_variation: bool = True) -> CordParams:
+    """Cord size (0.6x-2.5x area, own AP/RL ratio), position in the canal, conus level, CSF rim.
+
+    ``size_variation=False`` draws the same random numbers but keeps the template's sizes (cord,
+    dural sac and lumbar enlargement scale 1).
+    """
     lo, hi = np.log(0.6), np.log(2.5)
     mid = 0.5 * (lo + hi)
     area = float(np.exp(mid + (rng.uniform(lo, hi) - mid) * strength))
@@ -181,9 +187,12 @@ def random_cord(rng: np.random.Generator, tpl: SpineTemplate, *, strength: float
     conus = float(rng.uniform(conus_lo - 0.25 * span * (strength - 1), conus_hi + 0.25 * span * (strength - 1)))
     canal = float(np.exp(rng.uniform(np.log(0.8), np.log(1.4))))
     canal_ratio = float(np.exp(rng.normal(0, 0.08)))
+    enlargement = float(rng.uniform(0.9, 1.3))
+    if not size_variation:
+        sx = sy = canal = canal_ratio = enlargement = 1.0
     return CordParams(
         scale_x=float(sx), scale_y=float(sy),
-        lumbar_enlargement=float(rng.uniform(0.9, 1.3)),
+        lumbar_enlargement=enlargement,
         shift_x=float(rng.normal(0, 0.5)), shift_y=float(rng.uniform(-2.0, 1.0)),
         canal_x=canal * canal_ratio, canal_y=canal / canal_ratio,
         rim=float(rng.choice([rng.uniform(0.05, 0.4), rng.uniform(0.4, 2.0)])),

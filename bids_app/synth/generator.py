@@ -10,7 +10,7 @@ or a procedural phantom (source B), and return a :class:`SynthSample` in RAS sca
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,9 @@ from scipy import ndimage
 
 from bids_app.synth import intensity as inten
 from bids_app.synth.deform import EXTRA_TOP, SpineGeometry, random_geometry
-from bids_app.synth.labels import CONUS_VALUE, CORD_LABELS, LABELS
-from bids_app.synth.render import Rendered, random_body, random_roots, render
+from bids_app.synth.features import FULL, Features
+from bids_app.synth.labels import BACKGROUND_BLOB_FIRST, CONUS_VALUE, CORD_LABELS, LABELS, N_BACKGROUND_BLOBS
+from bids_app.synth.render import BodyParams, Rendered, random_body, random_roots, render
 from bids_app.synth.template import (
     SpineTemplate,
     default_pam50_dir,
@@ -113,13 +114,43 @@ def random_acquisition(rng: np.random.Generator, contrast: str, kind: str | None
     return Acquisition(kind=kind, voxel=tuple(float(v) for v in vox), phase_axis=phase)
 
 
-def _clean_image(rng: np.random.Generator, rend: Rendered, contrast: str, spacing) -> np.ndarray:
+#: with ``Features(extra_tissues=False)``: tissues that take the CSF's intensity, the vertebral
+#: body's (one bone intensity, like PAM50's single spine mask), or a random background blob's
+_AS_CSF = ("cauda_equina", "filum")
+_AS_BONE = ("posterior_elements", "sacrum")
+_AS_BLOB = ("disc_annulus", "disc_nucleus", "epidural_fat", "paraspinal_muscle", "subcutaneous_fat", "ligament",
+            "body_tissue")
+
+
+def _plain_tissues(rng: np.random.Generator, means: np.ndarray, stds: np.ndarray) -> None:
+    """Merge the engine's extra tissues into PAM50's cord / CSF / spine + background blobs (in place)."""
+    pairs = [(n, LABELS["csf"]) for n in _AS_CSF] + [(n, LABELS["vertebral_body"]) for n in _AS_BONE]
+    blobs = BACKGROUND_BLOB_FIRST + rng.integers(0, N_BACKGROUND_BLOBS, len(_AS_BLOB))
+    pairs += [(n, int(b)) for n, b in zip(_AS_BLOB, blobs, strict=True)]
+    for name, like in pairs:
+        means[LABELS[name]], stds[LABELS[name]] = means[like], stds[like]
+
+
+def _acquisition_for(rng: np.random.Generator, contrast: str, kind: str | None, features: Features,
+                     spacing) -> Acquisition:
+    """The random acquisition, or without ``features.acquisition`` an isotropic one at ``spacing``
+    (the draws are made either way)."""
+    acq = random_acquisition(rng, contrast, kind)
+    if features.acquisition:
+        return acq
+    return Acquisition(kind="iso", voxel=tuple(float(v) for v in spacing), phase_axis=acq.phase_axis)
+
+
+def _clean_image(rng: np.random.Generator, rend: Rendered, contrast: str, spacing,
+                 features: Features = FULL) -> np.ndarray:
     """Noise-free image from the rendered labels, partial volume at cord and sac edges.
 
     Tissues get SynthSeg-style Gaussian intensities, a smooth multiplicative texture
     (coarse and fine), and on T2-like contrasts sometimes CSF flow voids.
     """
     means, stds = inten.label_means(rng, contrast)
+    if not features.extra_tissues:
+        _plain_tissues(rng, means, stds)
     shape = rend.labels.shape
 
     def draw(lab: np.ndarray) -> np.ndarray:
@@ -131,11 +162,11 @@ def _clean_image(rng: np.random.Generator, rend: Rendered, contrast: str, spacin
     outside *= texture
     # cortical bone and endplates: a dark rim around vertebrae and sacrum
     bone = np.isin(rend.static, _CORTEX)
-    if bone.any():
+    if bone.any() and features.extra_tissues:
         rim = bone & ~ndimage.binary_erosion(bone)
         outside[rim] *= rng.uniform(0.2, 0.8)
     content = draw(rend.content)
-    if contrast in ("T2w", "T2starw") and rng.random() < 0.3:
+    if contrast in ("T2w", "T2starw") and rng.random() < 0.3 and features.extra_tissues:
         voids = inten.smooth_field(rng, shape, spacing, rng.uniform(2, 6))
         depth = rng.uniform(0.2, 0.7)
         csf = rend.content == LABELS["csf"]
@@ -146,29 +177,34 @@ def _clean_image(rng: np.random.Generator, rend: Rendered, contrast: str, spacin
     return img.astype(np.float32)
 
 
-def _scanner_artefacts(rng: np.random.Generator, img: np.ndarray, phase_axis: int, max_noise: float) -> np.ndarray:
-    """Bias field, then (sometimes) ghosting, motion and wrap-around along the phase axis, then
-    Rician noise up to ``max_noise``; the random draws keep this order (determinism per seed)."""
+def _scanner_artefacts(rng: np.random.Generator, img: np.ndarray, phase_axis: int, max_noise: float,
+                       artefacts: bool = True) -> np.ndarray:
+    """Bias field, then (sometimes, when ``artefacts``) ghosting, motion and wrap-around along the
+    phase axis, then Rician noise up to ``max_noise``; the random draws keep this order
+    (determinism per seed)."""
     img = img * inten.bias_field(rng, img.shape, rng.uniform(0.05, 0.35))
-    if rng.random() < 0.15:
+    if rng.random() < 0.15 and artefacts:
         img = inten.ghosting(rng, img, phase_axis)
-    if rng.random() < 0.1:
+    if rng.random() < 0.1 and artefacts:
         img = inten.motion(rng, img, phase_axis)
-    if rng.random() < 0.1:
+    if rng.random() < 0.1 and artefacts:
         img = inten.wrap_around(rng, img, phase_axis)
     return inten.rician_noise(rng, img, rng.uniform(0.005, max_noise))
 
 
 def _acquire(rng: np.random.Generator, img: np.ndarray, spacing, acq: Acquisition,
-             out_positions: list[np.ndarray] | None) -> np.ndarray:
+             out_positions: list[np.ndarray] | None, features: Features = FULL) -> np.ndarray:
     """Simulate the acquisition of a clean image rendered at ``spacing``.
 
     Blur (point spread), average over each acquired voxel (partial volume), sample on the
     acquisition grid, add bias field, artefacts and Rician noise.  When ``out_positions``
     is given (fractional indices along each axis of the acquisition grid), the result is
     interpolated back onto those positions (the crop path), else the acquisition grid is
-    returned.
+    returned.  Without ``features.acquisition`` only the bias field, artefacts and noise are added
+    on the rendering grid.
     """
+    if not features.acquisition:
+        return _scanner_artefacts(rng, img, acq.phase_axis, max_noise=0.06, artefacts=features.artefacts)
     sigma = [rng.uniform(0.0, 0.5) * min(acq.voxel[a] / spacing[a], 3.0) for a in range(3)]
     img = ndimage.gaussian_filter(img, sigma=sigma, truncate=2.0) if max(sigma) > 0.05 else img
     for a in range(3):
@@ -183,12 +219,24 @@ def _acquire(rng: np.random.Generator, img: np.ndarray, spacing, acq: Acquisitio
             img = inten.linear_axis(img, a, pos)
             if out_positions is not None:
                 out_positions[a] = (out_positions[a] - phase) / ratio
-    img = _scanner_artefacts(rng, img, acq.phase_axis, max_noise=0.06)
+    img = _scanner_artefacts(rng, img, acq.phase_axis, max_noise=0.06, artefacts=features.artefacts)
     if out_positions is not None:
         for a in range(3):
             if img.shape[a] != len(out_positions[a]) or not np.allclose(out_positions[a], np.arange(img.shape[a])):
                 img = inten.linear_axis(img, a, out_positions[a])
     return img.astype(np.float32)
+
+
+def _random_shape(rng: np.random.Generator, tpl: SpineTemplate, strength: float,
+                  features: Features) -> tuple[SpineGeometry, BodyParams]:
+    """The spine's geometry and the body around it (without ``features.deformation``: a straight,
+    untilted spine and no elastic field)."""
+    geo = random_geometry(rng, tpl, strength=strength, straight=not features.deformation,
+                          size_variation=features.size_variation)
+    body = random_body(rng)
+    if not features.deformation:
+        body = replace(body, elastic_amp=0.0)
+    return geo, body
 
 
 # --------------------------------------------------------------------------- annotations
@@ -250,7 +298,7 @@ def _crop_height(rng: np.random.Generator, tpl: SpineTemplate, geo: SpineGeometr
 
 
 def _render_on_working_grid(rng, tpl, geo, body, roots, origin, spacing, shape, acq: Acquisition, contrast: str,
-                            blob_step: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                            blob_step: int = 2, features: Features = FULL) -> tuple[np.ndarray, np.ndarray]:
     """Render at the working ``spacing`` (plus margins), simulate the acquisition ``acq``
     (thick slices: blur/average, sample, noise) and interpolate back onto the working grid.
 
@@ -264,28 +312,28 @@ def _render_on_working_grid(rng, tpl, geo, body, roots, origin, spacing, shape, 
     affine_big[:3, :3] = np.diag(spacing)
     affine_big[:3, 3] = np.asarray(origin, float) - margin * spacing
     rend = render(tpl, geo, body, roots, affine_big, tuple(int(v) for v in big), blob_step=blob_step)
-    clean = _clean_image(rng, rend, contrast, spacing)
+    clean = _clean_image(rng, rend, contrast, spacing, features)
     positions = [np.arange(big[a], dtype=float) for a in range(3)]
-    img = _acquire(rng, clean, spacing, acq, positions)
+    img = _acquire(rng, clean, spacing, acq, positions, features)
     sl = tuple(slice(m, m + n) for m, n in zip(margin, shape, strict=True))
     return inten.normalise(img[sl], rng), rend.labels[sl]
 
 
 def generate_crop(seed: int, *, patch_size=(64, 64, 48), spacing=(0.5, 0.5, 1.0), pam50_dir=None,
                   contrast: str | None = None, region: str | None = None, source: str | None = None,
-                  acquisition: str | None = None, strength: float = 1.0) -> SynthSample:
+                  acquisition: str | None = None, strength: float = 1.0, features: Features = FULL) -> SynthSample:
     """A training patch around the cord, rendered only where needed, at ``spacing``.
 
     The patch is roughly centred on the cord with a random offset; ~13 % of patches lie
     below the conus (empty cord mask) unless ``region`` is given.  The image goes through a
     simulated acquisition (sagittal / axial thick slices / isotropic: blur and average along
-    each axis, sample, noise, interpolate back to ``spacing``).
+    each axis, sample, noise, interpolate back to ``spacing``).  ``features`` turns realism
+    features off for ablations (:mod:`bids_app.synth.features`).
     """
     rng = np.random.default_rng(seed)
     tpl, src = _resolve_template(source, pam50_dir, rng)
     contrast = _pick_contrast(rng, contrast)
-    geo = random_geometry(rng, tpl, strength=strength)
-    body = random_body(rng)
+    geo, body = _random_shape(rng, tpl, strength, features)
     roots = random_roots(rng, tpl, geo)
     s_c, region = _crop_height(rng, tpl, geo, region)
     centre = geo.cord_point(np.array([s_c]))[0]
@@ -293,8 +341,9 @@ def generate_crop(seed: int, *, patch_size=(64, 64, 48), spacing=(0.5, 0.5, 1.0)
     shape = np.asarray(patch_size, int)
     offset = rng.uniform(-0.25, 0.25, 3) * shape * spacing * np.array([1, 1, 0.8])
     origin = centre + offset - (shape - 1) / 2 * spacing
-    acq = random_acquisition(rng, contrast, acquisition)
-    img, labels = _render_on_working_grid(rng, tpl, geo, body, roots, origin, spacing, shape, acq, contrast)
+    acq = _acquisition_for(rng, contrast, acquisition, features, spacing)
+    img, labels = _render_on_working_grid(rng, tpl, geo, body, roots, origin, spacing, shape, acq, contrast,
+                                          features=features)
     affine = np.eye(4)
     affine[:3, :3] = np.diag(spacing)
     affine[:3, 3] = origin
@@ -335,7 +384,7 @@ def _fov_z(rng: np.random.Generator, tpl: SpineTemplate, geo: SpineGeometry, reg
 
 def generate_sample(seed: int, *, source: str = "phantom", pam50_dir=None, region: str | None = None,
                     contrast: str | None = None, view: str = "full", spacing=None,
-                    acquisition: str | None = None, strength: float = 1.0) -> SynthSample:
+                    acquisition: str | None = None, strength: float = 1.0, features: Features = FULL) -> SynthSample:
     """A whole field of view with its truth.
 
     ``region`` in :data:`REGIONS` (random when None); ``acquisition`` "sagittal" | "axial" |
@@ -344,7 +393,8 @@ def generate_sample(seed: int, *, source: str = "phantom", pam50_dir=None, regio
     with a spacing (e.g. ``(1.5, 1.5, 1.5)`` for a coarse view) the acquired image is
     interpolated onto a RAS grid at that spacing and the truth is rendered there exactly.
     ``source="pam50"`` needs ``pam50_dir`` or ``$SCT_DIR``; without them it falls back to
-    the phantom.
+    the phantom.  ``features`` turns realism features off (:mod:`bids_app.synth.features`); without
+    the acquisition the view is an isotropic scan at ``spacing`` (1 mm when None).
     """
     if view != "full":
         raise ValueError(f"unknown view {view!r}; expected 'full'")
@@ -355,10 +405,9 @@ def generate_sample(seed: int, *, source: str = "phantom", pam50_dir=None, regio
         region = str(rng.choice(REGIONS, p=[0.15, 0.2, 0.15, 0.15, 0.25, 0.1]))
     if region not in REGIONS:
         raise ValueError(f"unknown region {region!r}; expected one of {REGIONS}")
-    geo = random_geometry(rng, tpl, strength=strength)
-    body = random_body(rng)
+    geo, body = _random_shape(rng, tpl, strength, features)
     roots = random_roots(rng, tpl, geo)
-    acq = random_acquisition(rng, contrast, acquisition)
+    acq = _acquisition_for(rng, contrast, acquisition, features, spacing if spacing is not None else (1.0, 1.0, 1.0))
     if acq.kind == "axial" and region in ("whole", "thoracic", "thoracolumbar"):
         # an axial thick-slice stack covers a short stretch: its lower end for a thoracolumbar
         # request (so that a lumbar-only dataset never gets a cervical image), else either end.
@@ -392,7 +441,7 @@ def generate_sample(seed: int, *, source: str = "phantom", pam50_dir=None, regio
         shape = tuple(int(v) for v in np.maximum(np.round(shape_acq * vox / spacing).astype(int), 4))
         w_origin = origin - vox / 2 + spacing / 2
         img, labels = _render_on_working_grid(rng, tpl, geo, body, roots, w_origin, spacing, shape, acq, contrast,
-                                              blob_step=1)
+                                              blob_step=1, features=features)
         cord = np.isin(labels, CORD_LABELS).astype(np.uint8)
         affine = np.eye(4)
         affine[:3, :3] = np.diag(spacing)
@@ -406,8 +455,8 @@ def generate_sample(seed: int, *, source: str = "phantom", pam50_dir=None, regio
         raff[:3, :3] = np.diag(rspace)
         raff[:3, 3] = origin - (sub - 1) / 2 * rspace
         rend = render(tpl, geo, body, roots, raff, tuple(shape_acq * sub), blob_step=1)
-        clean = _clean_image(rng, rend, contrast, rspace)
-        img = inten.normalise(_acquire_exact(rng, clean, sub, acq), rng)
+        clean = _clean_image(rng, rend, contrast, rspace, features)
+        img = inten.normalise(_acquire_exact(rng, clean, sub, acq, features), rng)
         affine = affine_acq
         shape = tuple(int(v) for v in shape_acq)
         frac = _block_mean(np.isin(rend.labels, CORD_LABELS).astype(np.float32), sub)
@@ -431,9 +480,11 @@ def _block_mode(labels: np.ndarray, sub: np.ndarray) -> np.ndarray:
     return labels[c[0]::sub[0], c[1]::sub[1], c[2]::sub[2]].copy()
 
 
-def _acquire_exact(rng: np.random.Generator, clean: np.ndarray, sub: np.ndarray, acq: Acquisition) -> np.ndarray:
+def _acquire_exact(rng: np.random.Generator, clean: np.ndarray, sub: np.ndarray, acq: Acquisition,
+                   features: Features = FULL) -> np.ndarray:
     """Acquisition of a whole view rendered ``sub`` times finer: PSF blur, block average, artefacts."""
-    sigma = [rng.uniform(0.0, 0.5) * s for s in sub]
-    img = ndimage.gaussian_filter(clean, sigma=sigma, truncate=2.0) if max(sigma) > 0.05 else clean
-    img = _block_mean(img, sub).astype(np.float32)
-    return _scanner_artefacts(rng, img, acq.phase_axis, max_noise=0.05)
+    if features.acquisition:
+        sigma = [rng.uniform(0.0, 0.5) * s for s in sub]
+        img = ndimage.gaussian_filter(clean, sigma=sigma, truncate=2.0) if max(sigma) > 0.05 else clean
+        clean = _block_mean(img, sub).astype(np.float32)
+    return _scanner_artefacts(rng, clean, acq.phase_axis, max_noise=0.05, artefacts=features.artefacts)

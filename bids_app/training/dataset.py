@@ -136,16 +136,20 @@ class SyntheticSource:
     strength: float | None = None
     region: str | None = None     # fixes the region (validation sets); None: from task.regions
     fov: bool | None = None       # force / forbid whole-view patches (None: task.fov_fraction)
+    engine: str = "full"          # engine variant (bids_app.synth.features.ABLATIONS), for ablations
     _view_cache: dict = field(default_factory=dict, repr=False)
 
     def describe(self) -> dict:
         return {"engine": "bids_app.synth", "pam50_dir": self.pam50_dir, "source": self.source or "auto",
-                "strength": self.strength or self.task.strength, "region": self.region}
+                "strength": self.strength or self.task.strength, "region": self.region,
+                "engine_variant": self.engine}
 
     def __call__(self, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
         from bids_app.synth import generate_crop, generate_sample
+        from bids_app.synth.features import features_named
 
         t = self.task
+        features = features_named(self.engine)
         group = seed // t.crops_per_view
         grng = np.random.default_rng([int(group), 7919])
         use_fov = grng.random() < t.fov_fraction if self.fov is None else self.fov
@@ -155,14 +159,16 @@ class SyntheticSource:
         strength = self.strength or t.strength
         if not use_fov:
             s = generate_crop(int(seed), patch_size=t.patch_size, spacing=t.spacing, pam50_dir=self.pam50_dir,
-                              contrast=contrast, region=region, source=self.source, strength=strength)
+                              contrast=contrast, region=region, source=self.source, strength=strength,
+                              features=features)
             return s.image.astype(np.float32), self._targets(s), {"region": s.region, "contrast": s.contrast}
         # a whole coarse view, shared by the crops_per_view consecutive seeds of a group
         if group not in self._view_cache:
             src = self.source or ("pam50" if self.pam50_dir and grng.random() < 0.85 else "phantom")
             self._view_cache.clear()
             view = generate_sample(int(group) + 5_000_000, source=src, pam50_dir=self.pam50_dir,
-                                   region=None, contrast=contrast, spacing=t.spacing, strength=strength)
+                                   region=None, contrast=contrast, spacing=t.spacing, strength=strength,
+                                   features=features)
             self._view_cache[group] = (view, self._targets(view))
         view, targets = self._view_cache[group]
         start = random_window(rng, view.image.shape, t.patch_size)

@@ -61,7 +61,8 @@ class Recipe:
     plateau_patience: int = 10             # epochs without a better validation Dice
     min_lr: float = 1e-6
     keep_best: bool = False                # export the epoch with the best validation Dice
-    schedule: str = "plateau"              # "plateau" (ReduceLROnPlateau) | "cosine" (to min_lr at max_seconds)
+    schedule: str = "plateau"              # "plateau" (ReduceLROnPlateau) | "cosine" (to min_lr at max_seconds,
+                                           # or at the last epoch without a time budget)
     freeze_prefixes: tuple[str, ...] = ()  # layer-name prefixes kept frozen (fine-tuning)
     threads: int = 2
     workers: int = 1
@@ -279,15 +280,25 @@ class _Prefetch:
         return item
 
 
-def cosine_lr(start: dict, seconds: float, recipe: Recipe) -> float:
-    """Cosine decay by wall-clock time: ``start["lr"]`` at ``start["seconds"]`` to ``min_lr`` at the budget's end.
+def cosine_lr(start: dict, seconds: float, recipe: Recipe, epoch: int | None = None) -> float:
+    """Cosine decay from ``start["lr"]`` to ``min_lr``: by wall-clock time from ``start["seconds"]`` to
+    the budget's end, or, without a time budget, by epochs from ``start["epoch"]`` (the last epoch done
+    when the schedule began) to ``recipe.epochs``; ``epoch`` is the epoch just finished.
 
     >>> round(cosine_lr({"seconds": 0.0, "lr": 1e-3}, 50.0, Recipe(max_seconds=100.0, min_lr=0.0)), 6)
     0.0005
+    >>> round(cosine_lr({"seconds": 0.0, "lr": 1e-3, "epoch": -1}, 0.0, Recipe(epochs=10, min_lr=0.0), epoch=4), 6)
+    0.0005
     """
-    if recipe.max_seconds is None or recipe.max_seconds <= start["seconds"]:
+    if recipe.max_seconds is None:
+        first = int(start.get("epoch", -1))
+        if epoch is None or recipe.epochs - 1 <= first:
+            return float(start["lr"])
+        frac = min(max((epoch - first) / (recipe.epochs - 1 - first), 0.0), 1.0)
+    elif recipe.max_seconds <= start["seconds"]:
         return float(start["lr"])
-    frac = min(max((seconds - start["seconds"]) / (recipe.max_seconds - start["seconds"]), 0.0), 1.0)
+    else:
+        frac = min(max((seconds - start["seconds"]) / (recipe.max_seconds - start["seconds"]), 0.0), 1.0)
     return float(recipe.min_lr + (start["lr"] - recipe.min_lr) * 0.5 * (1.0 + np.cos(np.pi * frac)))
 
 
@@ -357,7 +368,8 @@ def run_training(
         state["lr"] = float(lr_override)
         state["best_dice"], state["since_best"] = None, 0   # a new schedule: compare epochs from here on
     if recipe.schedule == "cosine":
-        state.setdefault("cosine_from", {"seconds": float(state["seconds"]), "lr": float(state["lr"])})
+        state.setdefault("cosine_from", {"seconds": float(state["seconds"]), "lr": float(state["lr"]),
+                                         "epoch": int(state["epoch"])})
     start_epoch = state["epoch"] + 1
     model.optimizer.learning_rate.assign(state["lr"])
     t_session = time.monotonic()
@@ -423,7 +435,8 @@ def run_training(
                     state["since_best"] = 0
                     LOG.info("validation Dice plateau: learning rate -> %.2e", lr)
             if recipe.schedule == "cosine":
-                model.optimizer.learning_rate.assign(cosine_lr(state["cosine_from"], row["seconds"], recipe))
+                model.optimizer.learning_rate.assign(cosine_lr(state["cosine_from"], row["seconds"], recipe,
+                                                                epoch=epoch))
             state["lr"] = float(np.asarray(model.optimizer.learning_rate))
             state["epoch"] = epoch
             state["seconds"] = row["seconds"]
@@ -503,7 +516,7 @@ def main_train(args) -> int:
     normalisation = dict(DEFAULT_NORMALISATION)
 
     if args.synthetic:
-        source = SyntheticSource(task, pam50_dir=pam50)
+        source = SyntheticSource(task, pam50_dir=pam50, engine=getattr(args, "engine", None) or "full")
         data_desc = {"kind": "synthetic", **source.describe(),
                      "note": "PAM50 label maps (85 %) + procedural phantom (15 %)" if pam50 else "procedural phantom only"}
         val_source = SyntheticSource(task, pam50_dir=pam50, fov=False)
