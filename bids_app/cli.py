@@ -40,6 +40,7 @@ ANALYSIS_LEVELS = ("participant", "group")
 TOOLS = ("demo", "synth", "train", "finetune")
 CONTRASTS = ("T2w", "T1w", "T2starw")
 ENGINE_VARIANTS = tuple(ABLATIONS)
+CROP_REGIONS = ("cervical", "thoracic", "lumbosacral", "below_conus")   # bids_app.synth.generator's
 SPLIT_LEVEL_RE = re.compile(r"^[CTLS][0-9]{1,2}-[CTLS][0-9]{1,2}$")
 
 #: tool name -> (module, function) called with the parsed argparse namespace; returns an exit code.
@@ -235,6 +236,11 @@ def get_tools_parser() -> ArgumentParser:
                               help="segmentation (fine crops), centerline (coarse cord heatmap) or spine "
                                    "(coarse cord + disc + C2/sacrum heatmaps)")
             tool.add_argument("--architecture", default=None, help="network architecture name")
+            tool.add_argument("--regions", nargs="+", choices=CROP_REGIONS, default=None,
+                              help="synthetic crops only from these regions, drawn uniformly (a region "
+                                   "named twice comes twice as often), for a specialist model, e.g. "
+                                   "lumbosacral lumbosacral below_conus; the monitored validation follows; "
+                                   "default: the engine's mix)")
             tool.add_argument("--engine", choices=ENGINE_VARIANTS, default="full",
                               help="synthetic engine variant: the full engine, or one realism feature "
                                    "turned off (ablations; default: %(default)s)")

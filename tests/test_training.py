@@ -278,3 +278,28 @@ def test_train_engine_variant_reaches_the_generator():
                         features=Features(deformation=False))
     np.testing.assert_array_equal(image, ref.image)
     np.testing.assert_array_equal(mask, ref.cord)
+
+
+def test_train_regions_make_a_specialist(monkeypatch, tmp_path):
+    """``--regions`` draws crops from those regions only and monitors the ones that hold a cord."""
+    from bids_app import cli
+    from bids_app.synth.generator import CROP_REGIONS
+    from bids_app.training import train
+
+    assert cli.CROP_REGIONS == CROP_REGIONS
+    seen = {}
+
+    def fake_source(task, **kwargs):
+        seen.setdefault("task", task)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(train, "SyntheticSource", fake_source)
+    args = cli.get_tools_parser().parse_args(["train", "--synthetic", "--out", str(tmp_path / "b"),
+                                              "--regions", "lumbosacral", "below_conus"])
+    with pytest.raises(RuntimeError, match="stop here"):
+        train.main_train(args)
+    assert seen["task"].regions == ("lumbosacral", "below_conus") and seen["task"].val_regions == ("lumbosacral",)
+    args = cli.get_tools_parser().parse_args(["train", "--data", str(tmp_path), "--out", str(tmp_path / "b"),
+                                              "--regions", "lumbosacral"])
+    with pytest.raises(UsageError, match="--regions"):
+        train.main_train(args)

@@ -508,6 +508,13 @@ def recipe_from_args(args, base: Recipe | None = None) -> Recipe:
 def main_train(args) -> int:
     """``conus train --synthetic|--data BIDS_DIR --out DIR [--task segmentation|centerline] ...``."""
     task = TASKS[args.task]
+    if getattr(args, "regions", None):
+        if not args.synthetic:
+            raise UsageError("--regions only applies to --synthetic training")
+        # a specialist: crops from these regions only, monitored on those that hold a cord
+        # (a region named twice is drawn twice as often)
+        monitored = tuple(dict.fromkeys(r for r in args.regions if r != "below_conus")) or task.val_regions
+        task = replace(task, regions=tuple(args.regions), val_regions=monitored)
     name = args.name or Path(args.out).name
     run_dir = Path(getattr(args, "run_dir", None) or Path("runs") / name)
     recipe = recipe_from_args(args)
