@@ -345,6 +345,34 @@ def epoch_samples(producer: PatchProducer, stream: StreamConfig, epoch: int, fli
         yield from flush()
 
 
+def tf_dataset(source, *, seed: int = 0, batch_size: int = 4, flip_axes: Sequence[int] = (0, 1, 2),
+               normalisation: dict | None = None, channels: int = 1):
+    """An endless ``tf.data.Dataset`` of ``(image, target)`` batches drawn on the fly from ``source``
+    (e.g. a :class:`SyntheticSource`), for Keras ``fit`` or any tf.data pipeline.
+
+    Element ``i`` comes from seed ``seed * 10_000 + i`` (as :func:`epoch_seeds` numbers them), with
+    random flips seeded by (seed, i), so the stream is deterministic. Shapes: images
+    ``(batch, X, Y, Z, 1)``, targets ``(batch, X, Y, Z, channels)``, float32. ``conus train`` uses
+    :class:`PatchProducer` instead (worker processes, resumable epochs); this adapter is for users
+    who want the engine inside their own TensorFlow code.
+    """
+    import tensorflow as tf
+
+    probe, _, _ = source(seed * 10_000)
+    shape = tuple(int(v) for v in probe.shape)
+
+    def generate():
+        i = 0
+        while True:
+            image, mask, _info = _safe_call(source, seed * 10_000 + i)
+            rng = np.random.default_rng([int(seed), i, 271828])
+            yield prepare(image, mask, rng, flip_axes, normalisation)
+            i += 1
+
+    spec = (tf.TensorSpec(shape + (1,), tf.float32), tf.TensorSpec(shape + (int(channels),), tf.float32))
+    return tf.data.Dataset.from_generator(generate, output_signature=spec).batch(batch_size)
+
+
 def build_set(producer: PatchProducer, seeds: Sequence[int]) -> dict:
     """Materialise a fixed patch set: {"image": (N,X,Y,Z) raw, "mask": (N,X,Y,Z), "region", "contrast"}."""
     images, masks, regions, contrasts = [], [], [], []
