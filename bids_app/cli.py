@@ -173,6 +173,8 @@ def get_bids_parser() -> ArgumentParser:
     run.add_argument("--split", action="store_true", help="split the cord into cervicothoracic / lumbosacral")
     run.add_argument("--split-level", "--split_level", type=_split_level, default=DEFAULT_SPLIT_LEVEL,
                      help="disc at which to split (default: %(default)s)")
+    run.add_argument("--lumbosacral-model", "--lumbosacral_model", type=_model, metavar="NAME_OR_PATH",
+                     help="region-aware segmentation: segment the cord below the split disc (--split-level, from the run's disc labels) with this segmentation model and above it with --model, blended over 5 mm on either side of the split plane (default: none, one model throughout)")
     run.add_argument("--compare", nargs="+", type=Path, default=[], metavar="OUT",
                      help="group level: conus output folders to put side by side")
     ex = parser.add_argument_group("execution")
@@ -334,6 +336,7 @@ def config_from_args(args: argparse.Namespace) -> ParticipantConfig:
         levels=args.levels,
         split=args.split,
         split_level=args.split_level,
+        lumbosacral_model=args.lumbosacral_model,
         compare=tuple(Path(p).absolute() for p in args.compare),
     )
 

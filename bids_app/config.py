@@ -59,6 +59,8 @@ class ParticipantConfig:
     levels: str = "labels"
     split: bool = False
     split_level: str = DEFAULT_SPLIT_LEVEL
+    lumbosacral_model: str | None = None
+    """Segmentation bundle for the cord below the split disc (region-aware); None: one model."""
     compare: tuple[Path, ...] = ()
 
     @property
@@ -76,7 +78,8 @@ class ParticipantConfig:
         Paths of user-supplied files are recorded as strings; their content hashes are added by
         the pipeline.
         """
-        keys = ("model", "centerline_model", "centerline", "tta", "overlap", "levels", "split", "split_level")
+        keys = ("model", "centerline_model", "centerline", "tta", "overlap", "levels", "split", "split_level",
+                "lumbosacral_model")
         params: dict[str, Any] = {k: getattr(self, k) for k in keys}
         params["centerline_file"] = None if self.centerline_file is None else str(self.centerline_file)
         return params

@@ -21,6 +21,11 @@ Steps:
 5. threshold (bundle), keep the cord's components, fill axial holes, trim what lies more than
    ``trim_margin_mm`` below the conus tip found in the segmentation probabilities themselves.
 
+Region-aware segmentation (``lumbosacral_model``): between steps 4 and 5, a second segmentation
+bundle is run on the stretch of the crop below the split disc (the run's disc labels, ``split``)
+and its probabilities replace the general model's below the split plane, blended linearly over
+``region_blend_mm`` on either side (the same plane as ``--split``).
+
 The centerline bundle is a one-channel "centerline" model or a multi-channel "spine" model whose
 ``outputs`` name its channels (``cord``, ``discs``, ``anchors``). The centerline always comes
 from the ``cord`` channel. With ``disc_heatmaps`` set (``--levels auto``), the disc and anchor
@@ -83,6 +88,18 @@ class InferenceOptions:
     # predicts them, else with the levels bundle (``levels_model`` or the shipped default)
     disc_heatmaps: bool = False
     levels_model: str | None = None
+    # region-aware segmentation: below the split disc this segmentation bundle takes over from
+    # ``model``, the two blended linearly over +-``region_blend_mm`` around the split plane
+    lumbosacral_model: str | None = None
+    region_blend_mm: float = 5.0
+
+
+@dataclass(frozen=True)
+class RegionSplit:
+    """Where the lumbosacral model takes over: the run's disc labels and the split disc value."""
+
+    discs: tuple          # levels.DiscLabel (or (value, point_mm)) entries
+    split_value: int
 
 
 @dataclass
@@ -142,9 +159,10 @@ class Models:
         if options.centerline_mode == "auto":
             self.centerline = load_bundle(options.centerline_model or default_bundle("centerline"))
         self.levels = levels_bundle(self.centerline, options.levels_model) if options.disc_heatmaps else None
-        for role in ("segmentation", "centerline", "levels"):
+        self.lumbosacral = load_bundle(options.lumbosacral_model) if options.lumbosacral_model else None
+        for role in ("segmentation", "centerline", "levels", "lumbosacral"):
             bundle = getattr(self, role)
-            if bundle is not None and not serves(role, bundle.task):
+            if bundle is not None and not serves("segmentation" if role == "lumbosacral" else role, bundle.task):
                 raise BundleError(f"model {bundle.name!r} (task {bundle.task!r}) cannot be used as the "
                                   f"{role} model", path=bundle.path)
         for role, channel in (("centerline", "cord"), ("levels", "discs")):
@@ -160,7 +178,7 @@ class Models:
         return self.levels is not None
 
     def predict_fn(self, which: str):
-        """The batch predictor of ``"segmentation"`` or ``"centerline"`` (built once)."""
+        """The batch predictor of a role's bundle, e.g. ``"segmentation"`` or ``"centerline"`` (built once)."""
         if which not in self._predict:
             self._predict[which] = getattr(self, which).predict_fn()
         return self._predict[which]
@@ -168,7 +186,7 @@ class Models:
     def info(self) -> dict:
         """Name, version and sha256 of each bundle, for sidecars and provenance."""
         out = {}
-        for which in ("segmentation", "centerline", "levels"):
+        for which in ("segmentation", "centerline", "levels", "lumbosacral"):
             bundle = getattr(self, which)
             if bundle is not None and not (which == "levels" and bundle is self.centerline):
                 out[which] = {
@@ -222,12 +240,12 @@ def _coarse_centerline(work: np.ndarray, waff: np.ndarray, models: Models, overl
     return centre, discs
 
 
-def _whole_image_segmentation(work, waff, models: Models, options: InferenceOptions):
-    """The segmentation model over the whole image; returns (probabilities on the working grid,
-    centerline fitted to them)."""
-    bundle = models.segmentation
+def _whole_image_segmentation(work, waff, models: Models, options: InferenceOptions, which: str = "segmentation"):
+    """The segmentation model (or the ``which`` role's) over the whole image; returns
+    (probabilities on the working grid, centerline fitted to them)."""
+    bundle = getattr(models, which)
     fine, faff = resample(work, waff, bundle.spacing, order=1)
-    prob = sliding_window_predict(fine, models.predict_fn("segmentation"), bundle.patch_size,
+    prob = sliding_window_predict(fine, models.predict_fn(which), bundle.patch_size,
                                   options.overlap, options.tta)
     centre = cl.fit_centerline(prob, faff, bundle.spacing)
     return resample_to_grid(prob, faff, work.shape, waff, order=1, cval=0.0), centre
@@ -256,11 +274,13 @@ def tube_roi(points_vox: np.ndarray, shape, spacing, extend_mm: float, radius_mm
     return roi
 
 
-def _segment_crop(work, waff, centre: cl.Centerline, models: Models, options: InferenceOptions):
-    """Probabilities on the working grid from the segmentation model run on a crop."""
-    bundle = models.segmentation
+def _segment_crop(work, waff, centre: cl.Centerline, models: Models, options: InferenceOptions,
+                  which: str = "segmentation", points_mm: np.ndarray | None = None):
+    """Probabilities on the working grid from the segmentation model (or the ``which`` role's) run
+    on a crop around the centerline (or around ``points_mm``, a stretch of it)."""
+    bundle = getattr(models, which)
     fine_shape, faff = grid_for_spacing(work.shape, waff, bundle.spacing)
-    pts = apply_affine(np.linalg.inv(faff), centre.points_mm)
+    pts = apply_affine(np.linalg.inv(faff), centre.points_mm if points_mm is None else points_mm)
     # the box only has to hold the ROI tube (windows outside it are skipped anyway): a margin of
     # the ROI radius, not half a patch, keeps a straight cord inside one window across (a 38 mm
     # wide sagittal scan needed two windows per block with half-patch margins: 32 vs 16 windows)
@@ -273,9 +293,48 @@ def _segment_crop(work, waff, centre: cl.Centerline, models: Models, options: In
     crop = resample_to_grid(work, waff, box.shape, caff, order=1, cval=background)
     roi = tube_roi(pts - np.asarray(box.start), box.shape, bundle.spacing, options.crop_extension_mm,
                    options.roi_radius_mm)
-    prob = sliding_window_predict(crop, models.predict_fn("segmentation"), bundle.patch_size,
+    prob = sliding_window_predict(crop, models.predict_fn(which), bundle.patch_size,
                                   options.overlap, options.tta, pad_value=background, roi=roi)
     return resample_to_grid(prob, caff, work.shape, waff, order=1, cval=0.0)
+
+
+def _region_aware(work, waff, centre: cl.Centerline, prob: np.ndarray, whole: bool, models: Models,
+                  options: InferenceOptions, split: RegionSplit | None, warnings: list[str]) -> np.ndarray:
+    """Below the split disc, the lumbosacral model's probabilities; above it, the general model's
+    (``prob``); linear blend over +-``region_blend_mm`` around the split plane (the plane through
+    the disc's projection on the centerline, perpendicular to it: the same as ``--split``).
+
+    The lumbosacral model only runs on the stretch of the crop below the blend zone's top (or on
+    the whole image when ``whole``). Without disc labels or without the split disc, the general
+    model's probabilities are returned with a warning.
+    """
+    from bids_app import levels as lv
+
+    if split is None:
+        warnings.append("region-aware segmentation needs the run's disc labels (--levels labels); none were "
+                        "found, so the general model was used throughout")
+        return prob
+    plane = lv.split_plane(centre, split.discs, split.split_value)
+    if isinstance(plane, str):
+        warnings.append(f"region-aware segmentation skipped ({plane}): the general model was used throughout")
+        return prob
+    blend = float(options.region_blend_mm)
+    signed_pts = lv.signed_split_distance(centre.points_mm, centre, plane)
+    below = centre.points_mm[signed_pts <= blend + 2.0]
+    if len(below) < 2:       # the whole cord in view lies above the split
+        return prob
+    if whole:
+        prob_ls, _ = _whole_image_segmentation(work, waff, models, options, which="lumbosacral")
+    else:
+        prob_ls = _segment_crop(work, waff, centre, models, options, which="lumbosacral", points_mm=below)
+    out = prob.copy()
+    vox = np.argwhere(np.maximum(prob, prob_ls) >= 0.01)     # elsewhere both models see no cord
+    if len(vox):
+        signed = lv.signed_split_distance(apply_affine(waff, vox.astype(float)), centre, plane)
+        w = np.clip(0.5 - signed / (2.0 * blend), 0.0, 1.0).astype(np.float32)   # 1 = lumbosacral
+        idx = tuple(vox.T)
+        out[idx] = (1.0 - w) * prob[idx] + w * prob_ls[idx]
+    return out
 
 
 def _working_centerline(loaded, reo, work, waff, options, models, reference, warnings):
@@ -316,11 +375,13 @@ def segment_image(
     options: InferenceOptions,
     reference: LoadedImage | None = None,
     models: Models | None = None,
+    split: RegionSplit | None = None,
 ) -> SegmentationResult:
     """Segment the cord of one image; see the module docstring for the steps.
 
     ``reference`` (a mask on the image's grid) is only used by ``centerline_mode="reference"``.
-    ``models`` may be passed to share loaded bundles between runs.
+    ``models`` may be passed to share loaded bundles between runs. ``split`` (the run's disc
+    labels and the split disc) is only used with a lumbosacral model (region-aware segmentation).
     """
     models = models or Models(options)
     seconds: dict[str, float] = {}
@@ -344,6 +405,7 @@ def segment_image(
     mask_work = np.zeros(work.shape, dtype=np.uint8)
     if centre.found:
         t = time.perf_counter()
+        whole = prob_work is not None
         if prob_work is None:
             prob_work = _segment_crop(work, waff, centre, models, options)
             if options.centerline_mode == "auto" and not (prob_work >= models.segmentation.threshold).any():
@@ -353,7 +415,12 @@ def segment_image(
                     warnings.append("the segmentation found no cord around the coarse centerline; the "
                                     f"segmentation model was run over the whole image ({windows} windows)")
                     prob_work, centre = _whole_image_segmentation(work, waff, models, options)
+                    whole = True
         seconds["segmentation"] = time.perf_counter() - t
+        if models.lumbosacral is not None:
+            t = time.perf_counter()
+            prob_work = _region_aware(work, waff, centre, prob_work, whole, models, options, split, warnings)
+            seconds["lumbosacral"] = time.perf_counter() - t
         t = time.perf_counter()
         prob_native = reo.to_native(prob_work)
         # threshold on the native grid, then clean up in the (exactly permuted) working grid

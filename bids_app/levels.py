@@ -567,26 +567,30 @@ def split_plane(
     return SplitPlane(point[0], normal, float(arc[0]))
 
 
-def _region_labels(
-    coords_mm: np.ndarray, line: np.ndarray, plane: SplitPlane, zone_mm: float
-) -> np.ndarray:
-    """1 (superior) or 2 (inferior) for each point.
+def signed_split_distance(coords_mm: np.ndarray, centerline, plane: SplitPlane, zone_mm: float = 20.0) -> np.ndarray:
+    """Position of each point (N, 3 scanner mm) relative to the split, in mm (> 0 superior).
 
-    Near the split (nearest centerline position within ``zone_mm`` of it) the half-space of
-    the plane decides; farther away, the nearest centerline position does, so that a curved
-    cord is never cut where the extended plane happens to cross it again.
+    Near the split (nearest centerline position within ``zone_mm`` of it) it is the signed
+    distance to the plane; farther away, the arc length from the split to the nearest centerline
+    position, so that a curved cord is never cut where the extended plane happens to cross it
+    again. Both agree on the cord's axis, so the value runs smoothly along the cord.
     """
+    line = _centerline_mm(centerline)
     arcs = _arc_lengths(line)
     step = 0.5
     dense_arc = np.arange(arcs[0], arcs[-1] + step, step)
     dense = np.stack([np.interp(dense_arc, arcs, line[:, k]) for k in range(3)], axis=1)
+    coords_mm = np.asarray(coords_mm, float).reshape(-1, 3)
     _, nearest = cKDTree(dense).query(coords_mm)
-    near_arc = dense_arc[nearest]
-    superior = near_arc >= plane.arc_mm
-    zone = np.abs(near_arc - plane.arc_mm) <= zone_mm
-    signed = (coords_mm[zone] - plane.point_mm) @ plane.normal_mm
-    superior[zone] = signed >= 0
-    return np.where(superior, 1, 2).astype(np.uint8)
+    signed = dense_arc[nearest] - plane.arc_mm
+    zone = np.abs(signed) <= zone_mm
+    signed[zone] = (coords_mm[zone] - plane.point_mm) @ plane.normal_mm
+    return signed
+
+
+def _region_labels(coords_mm: np.ndarray, line: np.ndarray, plane: SplitPlane, zone_mm: float) -> np.ndarray:
+    """1 (superior) or 2 (inferior) for each point (see :func:`signed_split_distance`)."""
+    return np.where(signed_split_distance(coords_mm, line, plane, zone_mm) >= 0, 1, 2).astype(np.uint8)
 
 
 def split_mask(

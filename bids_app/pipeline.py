@@ -28,6 +28,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,25 +122,29 @@ def inference_options(cfg: ParticipantConfig):
     mode = "file" if cfg.centerline_file is not None else cfg.centerline
     return InferenceOptions(model=cfg.model, centerline_model=cfg.centerline_model, centerline_mode=mode,
                             centerline_file=cfg.centerline_file, overlap=cfg.overlap, tta=cfg.tta,
-                            disc_heatmaps=cfg.levels == "auto")
+                            disc_heatmaps=cfg.levels == "auto", lumbosacral_model=cfg.lumbosacral_model)
 
 
 _MODELS_CACHE: dict[Any, Any] = {}
 
 
-def shipped_segmenter(loaded, cfg: ParticipantConfig, reference=None):
+def shipped_segmenter(loaded, cfg: ParticipantConfig, reference=None, discs=None):
     """Segment with the shipped models (``bids_app.inference.segment_image``).
 
     The bundles are loaded once per process and per set of options (module-level cache), so a
-    batch, or each worker process, loads them only once. Module-level, hence picklable.
+    batch, or each worker process, loads them only once. Module-level, hence picklable. ``discs``
+    (the run's disc labels) serve region-aware segmentation (``--lumbosacral-model``).
     """
     from bids_app import inference
+    from bids_app import levels as lv
 
     options = inference_options(cfg)
     if options not in _MODELS_CACHE:
         _MODELS_CACHE.clear()
         _MODELS_CACHE[options] = inference.Models(options)
-    return inference.segment_image(loaded, options, reference=reference, models=_MODELS_CACHE[options])
+    split = None if not discs else inference.RegionSplit(tuple(discs), lv.disc_value(cfg.split_level))
+    return inference.segment_image(loaded, options, reference=reference, models=_MODELS_CACHE[options],
+                                   split=split)
 
 
 def default_segment_fn() -> SegmentFn:
@@ -163,6 +168,8 @@ def model_identity(cfg: ParticipantConfig, segment_fn: SegmentFn | None) -> dict
     names = {"segmentation": cfg.model or registry.default_bundle("segmentation")}
     if cfg.centerline == "auto" and cfg.centerline_file is None:
         names["centerline"] = cfg.centerline_model or registry.default_bundle("centerline")
+    if cfg.lumbosacral_model:
+        names["lumbosacral"] = cfg.lumbosacral_model
     bundles = {task: bundle.load_bundle(name) for task, name in names.items()}
     if cfg.levels == "auto":   # the disc heatmaps' bundle, when it is not the centerline one
         levels = levels_bundle(bundles.get("centerline"))
@@ -177,6 +184,17 @@ def model_identity(cfg: ParticipantConfig, segment_fn: SegmentFn | None) -> dict
 
 # --------------------------------------------------------------------------------------------
 # writers: each takes the context, writes its files atomically, returns the paths written
+
+
+def _run_discs(ctx: RunContext) -> list | None:
+    """The run's disc labels (``--levels labels``) for region-aware segmentation, or None."""
+    from bids_app import levels as lv
+
+    if ctx.run.disc_labels is None or ctx.cfg.levels != "labels":
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lv.DiscLabelWarning)     # reported once, by the levels writer
+        return lv.read_disc_labels(ctx.run.disc_labels)
 
 
 def write_mask(ctx: RunContext) -> list[Path]:
@@ -292,7 +310,10 @@ def process_run(run: Run, cfg: ParticipantConfig, segment_fn: SegmentFn | None =
         if run.reference_mask is not None:
             ctx.reference = load_mask(run.reference_mask, like=ctx.loaded)
             ctx.warnings.extend(f"reference: {w}" for w in ctx.reference.warnings)
-        ctx.result = segment(ctx.loaded, cfg, reference=ctx.reference)
+        if cfg.lumbosacral_model:    # region-aware: the segmenter needs the disc labels (only then)
+            ctx.result = segment(ctx.loaded, cfg, reference=ctx.reference, discs=_run_discs(ctx))
+        else:
+            ctx.result = segment(ctx.loaded, cfg, reference=ctx.reference)
         for writer in RUN_WRITERS:
             ctx.written.extend(Path(p) for p in writer(ctx))
         remove_stale([p for p in paths.products() if p not in ctx.written])

@@ -117,6 +117,13 @@ def test_model_accepts_shipped_name_or_path(tmp_path):
     assert cli.main(["/data", "/out", "participant", "--model", "no-such-model"]) == 64
 
 
+def test_lumbosacral_model_takes_segmentation_models(tmp_path):
+    assert _parse().lumbosacral_model is None
+    assert _parse("--lumbosacral-model", "seg-general").lumbosacral_model == "seg-general"
+    assert _parse("--lumbosacral-model", str(tmp_path)).lumbosacral_model == str(tmp_path)
+    assert cli.main(["/data", "/out", "participant", "--lumbosacral-model", "spine-coarse"]) == 64
+
+
 def test_centerline_model_takes_centerline_role_names_only(tmp_path):
     assert _parse().centerline_model is None
     assert _parse("--centerline-model", str(tmp_path)).centerline_model == str(tmp_path)

@@ -348,10 +348,11 @@ def no_shipped_levels_model(monkeypatch):
 @pytest.fixture()
 def fake_networks(monkeypatch):
     """Replace the bundles' networks by :func:`_fake_predictors`; counts the calls per model."""
-    calls = {"segmentation": 0, "centerline": 0, "levels": 0}
+    calls = {"segmentation": 0, "centerline": 0, "levels": 0, "lumbosacral": 0}
 
     def predict_fn(self, which):
-        fn = _fake_predictors(getattr(self, which).outputs)["segmentation" if which == "segmentation" else "coarse"]
+        fine = which in ("segmentation", "lumbosacral")
+        fn = _fake_predictors(getattr(self, which).outputs)["segmentation" if fine else "coarse"]
 
         def counted(batch):
             calls[which] += 1
@@ -592,3 +593,41 @@ def test_coarse_no_cord_fallback_needs_a_cord_sized_result(tiny_bundles, fake_ne
                                       models=models)
     assert lenient.cord_found
 
+
+
+def test_region_aware_segmentation_hands_over_at_the_split(tiny_bundles, fake_networks, monkeypatch):
+    """Below the split disc the lumbosacral model decides, above it the general one, blended over 5 mm."""
+    image, cord, affine, planted = _spine_phantom()
+    loaded = _loaded(image, affine)
+    reference = _loaded(cord.astype(np.float32), affine)
+    discs = lv.make_disc_labels(list(planted), [affine[:3, :3] @ np.array(v, float) + affine[:3, 3]
+                                                 for v in planted.values()], affine)
+    split_z = (affine @ np.array([*planted[17], 1.0]))[2]        # T9-T10, the default split
+    z = (affine @ np.c_[np.zeros((image.shape[2], 2)), np.arange(image.shape[2]), np.ones(image.shape[2])].T)[2]
+    fake = inference.Models.predict_fn
+
+    def blind_below(self, which):     # a lumbosacral model that sees no cord at all
+        fn = fake(self, which)
+        return (lambda batch: np.zeros_like(fn(batch))) if which == "lumbosacral" else fn
+
+    monkeypatch.setattr(inference.Models, "predict_fn", blind_below)
+    ls = str(tiny_bundles["seg"].path)
+    for mode in ("auto", "reference"):          # whole-image and crop paths
+        single_models, single_opts = _models(tiny_bundles, centerline_mode=mode)
+        single = inference.segment_image(loaded, single_opts, reference=reference, models=single_models)
+        models, options = _models(tiny_bundles, centerline_mode=mode, lumbosacral_model=ls)
+        assert models.lumbosacral is not None
+        split = inference.RegionSplit(tuple(discs), 17)
+        result = inference.segment_image(loaded, options, reference=reference, models=models, split=split)
+        per_slice = result.mask.sum(axis=(0, 1))
+        above, below = z > split_z + 5.0 + VOXEL_MM, z < split_z - 5.0 - VOXEL_MM
+        assert per_slice[below].sum() == 0 and single.mask.sum(axis=(0, 1))[below].sum() > 0, mode
+        np.testing.assert_array_equal(result.mask[..., above], single.mask[..., above])
+        assert "lumbosacral" in result.model_info and "lumbosacral" in result.seconds
+        # without disc labels, or without the split disc among them: one model, with a warning
+        for split, why in ((None, "needs the run's disc labels"), (inference.RegionSplit(tuple(discs), 5), "C4-C5")):
+            result = inference.segment_image(loaded, options, reference=reference, models=models, split=split)
+            np.testing.assert_array_equal(result.mask, single.mask)
+            assert any(why in w for w in result.warnings), (mode, result.warnings)
+    with pytest.raises(BundleError, match="cannot be used as the lumbosacral model"):
+        _models(tiny_bundles, lumbosacral_model=str(tiny_bundles["spine"].path))

@@ -196,3 +196,25 @@ def test_work_dir_receives_temporary_files(bids_two, tmp_path, monkeypatch):
     summary = pipeline.run_participant_level(_cfg(bids_two, tmp_path / "out", work_dir=work), threshold_segmenter)
     assert summary.exit_code == 0 and work.is_dir()
     assert tempfile.gettempdir() == str(work) and os.environ["TMPDIR"] == str(work)
+
+
+def test_lumbosacral_model_gets_the_run_disc_labels(bids_two, tmp_path):
+    """With --lumbosacral-model the segmenter receives each run's disc labels (None without any),
+    and the option is part of the provenance (a change reruns)."""
+    received = {}
+
+    def segment(loaded, cfg, reference=None, discs=None):
+        received[loaded.path.name] = discs
+        return threshold_segmenter(loaded, cfg, reference)
+
+    segment.model_info = fixtures.THRESHOLD_MODEL
+    out = tmp_path / "out"
+    cfg = _cfg(bids_two, out, lumbosacral_model="seg-general")
+    assert pipeline.run_participant_level(cfg, segment).exit_code == 0
+    assert received["sub-02_T2w.nii.gz"] is None
+    values = [d.value for d in received["sub-01_T2w.nii.gz"]]
+    assert values and values == sorted(values)
+    assert cfg.processing_parameters()["lumbosacral_model"] == "seg-general"
+    # without the option the segmenter is called as before (no discs keyword)
+    assert pipeline.run_participant_level(_cfg(bids_two, tmp_path / "out2"), threshold_segmenter).exit_code == 0
+    assert pipeline.run_participant_level(cfg.with_changes(lumbosacral_model=None), segment).count("ok") == 2
