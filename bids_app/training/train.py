@@ -539,7 +539,8 @@ def main_train(args) -> int:
         if args.synthetic:
             per_region = {region: SyntheticSource(task, pam50_dir=pam50, region=region, fov=False)
                           for region in task.val_regions}
-            val_set = _region_val_set(run_dir, per_region)
+            # 24 monitored crops in all, at least 8 per region (a specialist's one region gets 24)
+            val_set = _region_val_set(run_dir, per_region, n=max(8, 24 // len(per_region)))
         else:
             seeds = list(range(VALIDATION_SEED, VALIDATION_SEED + getattr(val_source, "n_patches", 16)))
             val_set = load_or_build_set(run_dir / "val.npz", PatchProducer(val_source, workers=0), seeds)
