@@ -159,3 +159,56 @@ def test_whole_view_evaluation_of_a_perfect_model(whole_view, monkeypatch):
     summary = view_eval.summarise([row])
     assert summary["identities_correct_rate"] >= (row["discs_true"] - 1) / row["discs_true"]
     assert summary["cord_found_rate"] == 1.0
+
+
+def test_top_anchor_is_the_whole_bone_block_above_c2_c3():
+    """No disc separates C1 from C2, so the top anchor is all the bone above the C2-C3 disc: a
+    target cut at the C1-C2 point would end at a plane through uniform bone that no image shows."""
+    from bids_app.synth.targets import anchor_target, c2_target
+
+    labels = np.zeros((21, 21, 60), np.uint8)
+    body, disc = LABELS["vertebral_body"], LABELS["disc_annulus"]
+    labels[5:16, 5:16, 0:8] = LABELS["sacrum"]
+    labels[5:16, 5:16, 8:10] = disc                 # L5-S1
+    labels[5:16, 5:16, 10:19] = body                # C3 (whatever lies below)
+    labels[5:16, 5:16, 19:22] = disc                # C2-C3
+    labels[5:16, 5:16, 22:50] = body                # C2 and C1: one block
+    centerline = np.stack([np.full(60, 10.0), np.full(60, 10.0), np.arange(60.0)], axis=1)
+    discs = [(2, np.array([10.0, 10.0, 36.0])), (3, np.array([10.0, 10.0, 20.5]))]
+    top = c2_target(labels, np.eye(4), discs, centerline).astype(bool)
+    np.testing.assert_array_equal(top, (labels == body) & (np.arange(60) > 20.5))
+    assert top[:, :, 40:50].any(), "the anchor reaches the top of the bone column, past the C1-C2 point"
+    both = anchor_target(labels, np.eye(4), discs, centerline).astype(bool)
+    np.testing.assert_array_equal(both, top | (labels == LABELS["sacrum"]))
+    assert not c2_target(labels, np.eye(4), discs[:1], centerline).any()   # no C2-C3 disc: no top anchor
+
+
+@pytest.mark.parametrize("region", ["craniocervical", "sacral"])
+def test_anchor_crop_regions_always_hold_an_anchor(region):
+    from bids_app.synth import generate_crop
+
+    for seed in (0, 1):
+        s = generate_crop(seed, patch_size=(64, 64, 64), spacing=SPACING, source="phantom", region=region)
+        assert s.region == region
+        y = target_channels(s)
+        assert y[..., 2].sum() * np.prod(SPACING) > 2000, (region, seed)   # mm³
+        values = dict(s.discs)
+        assert (3 in values) if region == "craniocervical" else (25 in values and (s.labels == LABELS["sacrum"]).any())
+    with pytest.raises(ValueError, match="sacral"):
+        generate_crop(0, patch_size=(8, 8, 8), source="phantom", region="nowhere")
+
+
+def test_spine_task_samples_and_monitors_the_anchors():
+    from dataclasses import replace
+
+    from bids_app.training.dataset import SyntheticSource
+
+    spine = TASKS["spine"]
+    assert {"craniocervical", "sacral"} <= set(spine.regions) and {"craniocervical", "sacral"} <= set(spine.val_regions)
+    # a one-output task other than the cord gives (X, Y, Z) masks, like the model's squeezed output
+    task = replace(spine, targets=("anchors",), fov_fraction=0.0, regions=("sacral",), patch_size=(32, 32, 32))
+    image, mask, info = SyntheticSource(task, source="phantom")(3)
+    assert info["region"] == "sacral" and mask.shape == image.shape == (32, 32, 32) and mask.any()
+    _, mask3, _ = SyntheticSource(replace(task, targets=("cord", "discs", "anchors")), source="phantom")(3)
+    assert mask3.shape == (32, 32, 32, 3)
+    np.testing.assert_array_equal(mask3[..., 2], mask)

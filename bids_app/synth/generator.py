@@ -30,6 +30,10 @@ from bids_app.synth.template import (
 
 REGIONS = ("whole", "cervical", "thoracic", "thoracolumbar", "lumbosacral", "below_conus")
 CROP_REGIONS = ("cervical", "thoracic", "lumbosacral", "below_conus")
+#: crop regions asked for by name only (never in the default mix): patches of at least ~90 mm
+#: along the cord that always hold an anchor of the spine model, the C2-C3 disc with the bone
+#: above it ("craniocervical") or the L5-S1 disc with the sacrum ("sacral")
+ANCHOR_CROP_REGIONS = ("craniocervical", "sacral")
 SOURCES = ("phantom", "pam50")
 _CORTEX = [LABELS["vertebral_body"], LABELS["posterior_elements"], LABELS["sacrum"]]
 
@@ -294,7 +298,11 @@ def _crop_height(rng: np.random.Generator, tpl: SpineTemplate, geo: SpineGeometr
         return float(rng.uniform(tpl.sac_end_z, conus - 30)), region
     if region in ("whole", "thoracolumbar"):
         return float(rng.uniform(conus - 12, tpl.top_z - 12)), region
-    raise ValueError(f"unknown region {region!r}; expected one of {REGIONS}")
+    if region == "craniocervical":
+        return float(rng.uniform(dz[3] - 10, dz[3] + 25)), region
+    if region == "sacral":
+        return float(rng.uniform(dz[25] - 25, dz[25] + 15)), region
+    raise ValueError(f"unknown region {region!r}; expected one of {REGIONS + ANCHOR_CROP_REGIONS}")
 
 
 def _render_on_working_grid(rng, tpl, geo, body, roots, origin, spacing, shape, acq: Acquisition, contrast: str,

@@ -7,9 +7,11 @@ The coarse "spine" model predicts several maps at once from one whole field of v
   learns like any segmentation (small balls around the SCT disc points were tried first and
   did not start to learn in 150 steps, so they were removed); :func:`bids_app.levels.disc_points_from_probability`
   turns its blobs into SCT-convention points on the cord;
-- ``anchors``: the two vertebrae that fix disc identities when they are in view, C2 (above the
-  highest disc, C2-C3) and the sacrum (below the lowest, L5-S1). Which one a blob is follows
-  from its position relative to the detected discs.
+- ``anchors``: the bone that fixes disc identities when it is in view: the top of the spine
+  (C2 with C1 above it, the bone above the highest disc, C2-C3) and the sacrum (below the
+  lowest, L5-S1). Which one a blob is follows from its position relative to the detected discs.
+  The top anchor is the whole block above C2-C3, not C2 alone: no disc separates C1 from C2, so
+  a C2-only target ended at a plane through uniform bone that no image shows.
 """
 
 from __future__ import annotations
@@ -23,8 +25,7 @@ from bids_app.synth.labels import LABELS
 TARGETS: tuple[str, ...] = ("cord", "discs", "anchors")
 FIRST_VISIBLE_DISC = 3      # C2-C3
 LAST_DISC = 25              # L5-S1
-C2_HEIGHT_MM = 20.0         # used when the C1-C2 point lies outside the view
-C2_RADIUS_MM = 25.0         # lateral reach of the C2 anchor around the canal axis
+C2_RADIUS_MM = 35.0         # lateral reach of the top anchor around the canal axis (C1 is wide)
 
 
 def _zooms(affine: np.ndarray) -> np.ndarray:
@@ -51,17 +52,18 @@ def _local_axis(centerline_mm: np.ndarray, near: np.ndarray) -> np.ndarray:
 
 
 def c2_target(labels: np.ndarray, affine: np.ndarray, discs, centerline_mm: np.ndarray) -> np.ndarray:
-    """Bone voxels (body + posterior elements) of C2: between the C2-C3 and C1-C2 disc points.
+    """Bone voxels (body + posterior elements) of the top of the spine: C2 and C1, everything above
+    the C2-C3 disc point (within :data:`C2_RADIUS_MM` of the canal axis).
 
-    Empty when the C2-C3 disc is not in view. Without the C1-C2 point, C2 is taken as
-    :data:`C2_HEIGHT_MM` high (it ends at the top of the view anyway in that case).
+    Empty when the C2-C3 disc is not in view. C1 is included because nothing in the image
+    separates it from C2 (there is no C1-C2 disc: the two form one block of bone), so a
+    target cut at the C1-C2 point could not be learnt from the image.
     """
     by_value = {int(v): np.asarray(p, float) for v, p in discs}
     if FIRST_VISIBLE_DISC not in by_value:
         return np.zeros(labels.shape, dtype=np.uint8)
     bottom = by_value[FIRST_VISIBLE_DISC]
     axis = _local_axis(centerline_mm, bottom)
-    height = float(np.dot(by_value[2] - bottom, axis)) if 2 in by_value else C2_HEIGHT_MM
     bone = np.isin(labels, (LABELS["vertebral_body"], LABELS["posterior_elements"]))
     idx = np.argwhere(bone)
     out = np.zeros(labels.shape, dtype=np.uint8)
@@ -71,13 +73,13 @@ def c2_target(labels: np.ndarray, affine: np.ndarray, discs, centerline_mm: np.n
     mm = idx @ aff[:3, :3].T + aff[:3, 3] - bottom
     along = mm @ axis
     lateral = np.linalg.norm(mm - np.outer(along, axis), axis=1)
-    keep = (along >= 0) & (along <= max(height, 5.0)) & (lateral <= C2_RADIUS_MM)
+    keep = (along >= 0) & (lateral <= C2_RADIUS_MM)
     out[tuple(idx[keep].T)] = 1
     return out
 
 
 def anchor_target(labels: np.ndarray, affine: np.ndarray, discs, centerline_mm: np.ndarray) -> np.ndarray:
-    """C2 and the sacrum, one binary channel."""
+    """The top of the spine (C2 with C1) and the sacrum, one binary channel."""
     sacrum = (labels == LABELS["sacrum"]).astype(np.uint8)
     return sacrum | c2_target(labels, affine, discs, centerline_mm)
 
