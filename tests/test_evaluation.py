@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EVALUATION = Path(__file__).resolve().parent.parent / "evaluation"
@@ -87,3 +88,26 @@ def test_engine_ablation_commands_and_table(tmp_path):
     lines = abl.table(results).splitlines()
     assert lines[0].split(" | ")[3:5] == ["T2w", "T1w"]
     assert lines[2] == "| full:1 | 500 | 25 | 0.900 | 0.700 | 0.800 | 0.800 | 0.600 | 0.400 | 0.600 |"
+
+
+def test_body_labels_are_matched_to_the_midpoint_of_their_discs():
+    levels = _load("eval_levels")
+    # a tilted chain of discs 2..5 (C1-C2 .. C4-C5), superior first, 17 mm apart
+    direction = np.array([0.0, 0.2, -1.0]) / np.linalg.norm([0.0, 0.2, -1.0])
+    discs = np.array([10.0, 0.0, 40.0]) + np.outer(np.arange(4) * 17.0, direction)
+    shuffled = discs[[2, 0, 3, 1]]
+    values = np.array([4, 2, 5, 3])                        # identities follow the shuffle
+    bodies = np.array([(discs[1] + discs[2]) / 2 + [1.0, 0, 0],   # C3 body, 1 mm off the midpoint
+                       discs[2] + 0.25 * (discs[3] - discs[2]),    # C4 body, a quarter of the way down
+                       discs[0] + 5 * direction * -1])             # above the chain: no upper disc
+    rows = levels.match_body_labels(bodies, [3, 4, 1], shuffled, values)
+    assert rows[0]["error_mm"] == pytest.approx(1.0) and rows[0]["fraction"] == pytest.approx(0.5)
+    assert rows[0]["identity_ok"] is True
+    assert rows[1]["fraction"] == pytest.approx(0.25) and rows[1]["error_mm"] == pytest.approx(0.25 * 17)
+    assert rows[1]["identity_ok"] is True
+    assert rows[2]["error_mm"] is None and rows[2]["identity_ok"] is None
+    wrong = levels.match_body_labels(bodies[:1], [3], shuffled, values + 1)
+    assert wrong[0]["identity_ok"] is False
+    unnamed = levels.match_body_labels(bodies[:1], [3], shuffled, None)
+    assert unnamed[0]["identity_ok"] is None and unnamed[0]["error_mm"] == pytest.approx(1.0)
+    assert levels.match_body_labels(bodies[:1], [3], shuffled[:1], None)[0]["error_mm"] is None
