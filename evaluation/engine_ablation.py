@@ -17,6 +17,14 @@ and a Markdown table is printed.
     python evaluation/engine_ablation.py OUT --pam50 DIR --real BIDS_DIR \
         [--arms full:1 plain:1 no-acquisition:1 ...] [--epochs 10] [--steps 50]
 
+The same harness compares network architectures at equal training wall-clock time (issue #5):
+``--architecture NAME --max-minutes M`` trains each arm for M minutes instead of a number of
+epochs; run the two architectures into two OUT folders at the same time, so that they share the
+machine alike.
+
+    python evaluation/engine_ablation.py runs/arch-b8 --arms full:1 --max-minutes 40 ... &
+    python evaluation/engine_ablation.py runs/arch-thesis --arms full:1 --architecture thesis --max-minutes 40 ...
+
 The real scans are a development set: report their numbers as such and never train on them.
 """
 
@@ -47,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50, help="steps per epoch")
     parser.add_argument("--lr", type=float, default=1e-3, help="start of the cosine decay over the epochs")
     parser.add_argument("--parallel", type=int, default=2, help="arms training at once")
+    parser.add_argument("--architecture", default=None,
+                        help="network architecture of every arm (default: the task's, unet3d-b8d3)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="train each arm for this wall-clock time instead of --epochs")
     parser.add_argument("--phantom-n", type=int, default=8, help="phantom crops per region")
     parser.add_argument("--phantom-strength", type=float, default=1.8)
     parser.add_argument("--evaluate-only", action="store_true", help="score finished arms, train nothing")
@@ -63,9 +75,15 @@ def train_command(args, arm: str) -> list[str]:
     run_dir, bundle = arm_dirs(args.out, arm)
     cmd = [sys.executable, "-m", "bids_app", "train", "--synthetic", "--pam50", str(args.pam50),
            "--task", "segmentation", "--engine", variant, "--out", str(bundle), "--name", f"ablation-{variant}",
-           "--run-dir", str(run_dir), "--epochs", str(args.epochs), "--steps", str(args.steps),
+           "--run-dir", str(run_dir), "--steps", str(args.steps),
            "--batch-size", "4", "--seed", seed, "--lr", str(args.lr), "--schedule", "cosine",
            "--threads", "1", "--workers", "1"]
+    if args.max_minutes is not None:
+        cmd += ["--max-minutes", str(args.max_minutes)]
+    else:
+        cmd += ["--epochs", str(args.epochs)]
+    if args.architecture is not None:
+        cmd += ["--architecture", args.architecture]
     if (run_dir / "state.json").is_file():
         cmd.append("--resume")
     return cmd
@@ -82,6 +100,7 @@ def score_arm(args, arm: str) -> dict:
     _, bundle = arm_dirs(args.out, arm)
     meta = json.loads((bundle / "metadata.json").read_text())
     result = {"arm": arm, "variant": arm.split(":")[0], "seed": int(arm.split(":")[1]),
+              "architecture": meta.get("architecture"),
               "steps": meta["training"]["steps"], "train_seconds": meta["training"]["seconds"],
               "bundle_sha256": load_bundle(bundle).sha256}
     if args.real is not None:

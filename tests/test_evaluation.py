@@ -83,6 +83,10 @@ def test_engine_ablation_commands_and_table(tmp_path):
     run_dir.mkdir(parents=True)
     (run_dir / "state.json").write_text("{}")
     assert abl.train_command(args, "no-artefacts:3")[-1] == "--resume"   # a killed arm resumes
+    timed = abl.parse_args([str(tmp_path), "--pam50", "/pam50", "--architecture", "thesis", "--max-minutes", "30"])
+    cmd = abl.train_command(timed, "full:1")          # architectures compared at equal wall-clock time
+    assert cmd[cmd.index("--max-minutes") + 1] == "30.0" and "--epochs" not in cmd
+    assert cmd[cmd.index("--architecture") + 1] == "thesis" and "--architecture" not in abl.train_command(args, "full:1")
     results = {"full:1": {"steps": 500, "train_seconds": 1500, "real_dice": {"sub-1_T2w": 0.9, "sub-2_T1w": 0.7},
                           "phantom_dice": {"cervical": 0.8, "thoracic": 0.6, "lumbosacral": 0.4}}}
     lines = abl.table(results).splitlines()
