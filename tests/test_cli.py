@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import fixtures
@@ -28,16 +27,18 @@ def fake_segmenter(monkeypatch):
     monkeypatch.setattr(pipeline, "default_segment_fn", lambda: fixtures.threshold_segmenter)
 
 
-def test_help_is_fast_and_does_not_import_tensorflow():
-    start = time.perf_counter()
+def test_help_does_not_import_tensorflow_or_pybids():
+    # what keeps --help fast (timed in benchmarks/cli_startup.py, not here): neither heavy library loads
     proc = subprocess.run([_conus_script(), "--help"], capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
     assert "participant_label" in proc.stdout and "{participant,group}" in proc.stdout
-    assert elapsed < 2.0, f"conus --help took {elapsed:.2f} s"
-    code = "import sys, bids_app.cli; print('tensorflow' in sys.modules, 'bids' in sys.modules)"
+    code = ("import contextlib, io, sys\n"
+            "from bids_app import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert cli.main(['--help']) == 0 and cli.main(['train', '--help']) == 0\n"
+            "print(*(name in sys.modules for name in ('tensorflow', 'keras', 'bids')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+    assert out.split() == ["False", "False", "False"]
 
 
 def test_python_dash_m_and_version():
