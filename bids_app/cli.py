@@ -243,9 +243,14 @@ def get_tools_parser() -> ArgumentParser:
                                    "named twice comes twice as often), for a specialist model, e.g. "
                                    "lumbosacral lumbosacral below_conus; the monitored validation follows; "
                                    "default: the engine's mix)")
-            tool.add_argument("--engine", choices=ENGINE_VARIANTS, default="full",
-                              help="synthetic engine variant: the full engine, or one realism feature "
-                                   "turned off (ablations; default: %(default)s)")
+            tool.add_argument("--engine", choices=ENGINE_VARIANTS, default="default",
+                              help="synthetic engine variant: the default engine (every realism feature "
+                                   "the ablation kept), full (also scanner artefacts: the engine of the "
+                                   "models shipped before the ablation), or one feature off the full "
+                                   "engine (ablations; default: %(default)s)")
+            tool.add_argument("--loss-weights", type=float, nargs="+", default=None, metavar="W",
+                              help="one loss weight per output (spine: cord discs anchors), on its Dice "
+                                   "and BCE terms, to push a rare output (default: all 1)")
             tool.add_argument("--init-from", default=None, metavar="MODEL",
                               help="start from this bundle's weights (layers of the same name and shape; "
                                    "an output layer with more channels keeps the bundle's first ones)")

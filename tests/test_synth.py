@@ -438,18 +438,35 @@ def test_crop_pool_round_trip(tmp_path):
 # --------------------------------------------------------------------------- realism features (ablations)
 
 
-def test_engine_variants_are_named_and_full_is_the_default():
-    from bids_app.synth.features import ABLATIONS, FULL, Features, features_named
+def test_engine_variants_are_named_and_the_default_drops_the_artefacts():
+    from bids_app.synth.features import ABLATIONS, DEFAULT, FULL, Features, features_named
 
-    assert features_named("full") == FULL == Features() and FULL.off() == []
+    # the ablation's verdict: every feature but the scanner artefacts
+    assert features_named("default") == DEFAULT == Features() and DEFAULT.off() == ["artefacts"]
+    assert features_named("full") == FULL and FULL.off() == []
+    assert features_named("no-artefacts") == DEFAULT
     assert features_named("no-acquisition").off() == ["acquisition"]
     assert set(features_named("plain").off()) == {"artefacts", "extra_tissues", "size_variation"}
-    # every single-feature arm turns exactly the feature it names off
+    # every single-feature arm turns exactly the feature it names off the full engine
     for name, f in ABLATIONS.items():
         if name.startswith("no-"):
             assert f.off() == [name[3:].replace("-", "_")], name
     with pytest.raises(ValueError, match="no-artefacts"):
         features_named("no-cord")
+
+
+def test_default_engine_is_the_full_engine_without_artefacts_draw_for_draw():
+    """Switching the artefacts off changes nothing else: where the full engine draws none, same bytes."""
+    from bids_app.synth.features import FULL
+
+    same, seeds = 0, range(12)
+    for seed in seeds:
+        default = generate_crop(seed, source="phantom", patch_size=(24, 24, 16))
+        full = generate_crop(seed, source="phantom", patch_size=(24, 24, 16), features=FULL)
+        np.testing.assert_array_equal(default.cord, full.cord)
+        np.testing.assert_array_equal(default.labels, full.labels)
+        same += int(np.array_equal(default.image, full.image))
+    assert same < len(seeds)   # the full engine does add artefacts to some of these crops
 
 
 def test_size_variation_off_keeps_template_sizes_and_other_draws():
@@ -520,9 +537,11 @@ def test_artefacts_off_never_draws_ghosts_motion_or_wrap(monkeypatch):
     for seed in seeds:
         generate_crop(seed, source="phantom", patch_size=(24, 24, 16), features=Features(artefacts=False))
     drawn = 0
+    for seed in seeds:  # the default engine has them off too
+        generate_crop(seed, source="phantom", patch_size=(24, 24, 16))
     for seed in seeds:
         try:
-            generate_crop(seed, source="phantom", patch_size=(24, 24, 16))
+            generate_crop(seed, source="phantom", patch_size=(24, 24, 16), features=Features(artefacts=True))
         except AssertionError:
             drawn += 1
     assert drawn > 0    # the full engine does draw them for some of these seeds

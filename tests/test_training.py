@@ -227,6 +227,42 @@ def test_loss_sums_the_dice_of_each_channel():
     assert two_wrong - two_perfect > 0.95
 
 
+def test_channel_weighted_loss_equals_the_plain_loss_at_unit_weights_and_scales_one_channel():
+    from bids_app.training.train import _register_losses, make_loss
+
+    plain, _metric = _register_losses()
+    rng = np.random.default_rng(0)
+    truth = (rng.random((2, 8, 8, 8, 3)) > 0.7).astype(np.float32)
+    pred = np.clip(rng.random((2, 8, 8, 8, 3)), 1e-3, 1 - 1e-3).astype(np.float32)
+    unit = make_loss((1.0, 1.0, 1.0))
+    assert float(unit(truth, pred)) == pytest.approx(float(plain(truth, pred)), rel=1e-4)
+    # weighting the third channel by 4 adds 3x that channel's own (Dice + BCE/3) term, nothing else
+    per_channel = [float(make_loss((1.0,))(truth[..., c:c + 1], pred[..., c:c + 1])) for c in range(3)]
+    weighted = float(make_loss((1.0, 1.0, 4.0))(truth, pred))
+    dice3 = per_channel[2] - float(np.mean(-(truth[..., 2] * np.log(pred[..., 2])
+                                              + (1 - truth[..., 2]) * np.log(1 - pred[..., 2]))))
+    bce3 = per_channel[2] - dice3
+    assert weighted - float(unit(truth, pred)) == pytest.approx(3 * (dice3 + bce3 / 3), rel=1e-3)
+    assert make_loss(None).__name__ == "dice_bce_loss"
+
+
+def test_loss_weights_option_is_checked_and_recorded():
+    from bids_app.cli import get_tools_parser
+    from bids_app.errors import UsageError
+    from bids_app.training.train import recipe_from_args
+
+    parse = get_tools_parser().parse_args
+    args = parse(["train", "--synthetic", "--task", "spine", "--out", "x", "--loss-weights", "1", "1", "5"])
+    recipe = recipe_from_args(args)
+    assert recipe.channel_weights == (1.0, 1.0, 5.0)
+    assert recipe.as_dict()["channel_weights"] == [1.0, 1.0, 5.0]
+    assert recipe_from_args(parse(["train", "--synthetic", "--out", "x"])).channel_weights is None
+    with pytest.raises(UsageError, match="one weight per output"):
+        recipe_from_args(parse(["train", "--synthetic", "--task", "spine", "--out", "x", "--loss-weights", "2"]))
+    with pytest.raises(UsageError, match="positive"):
+        recipe_from_args(parse(["train", "--synthetic", "--out", "x", "--loss-weights", "0"]))
+
+
 def test_selection_score_weighs_every_output():
     from bids_app.training.train import selection_score
 
@@ -270,12 +306,12 @@ def test_train_engine_variant_reaches_the_generator():
 
     args = get_tools_parser().parse_args(["train", "--synthetic", "--out", "x", "--engine", "no-deformation"])
     assert args.engine == "no-deformation"
-    assert get_tools_parser().parse_args(["train", "--synthetic", "--out", "x"]).engine == "full"
+    assert get_tools_parser().parse_args(["train", "--synthetic", "--out", "x"]).engine == "default"
     source = SyntheticSource(TASKS["segmentation"], source="phantom", engine="no-deformation")
     assert source.describe()["engine_variant"] == "no-deformation"
     image, mask, _ = source(5)
     ref = generate_crop(5, patch_size=(64, 64, 48), spacing=(0.5, 0.5, 1.0), source="phantom",
-                        features=Features(deformation=False))
+                        features=Features(artefacts=True, deformation=False))  # one feature off the full engine
     np.testing.assert_array_equal(image, ref.image)
     np.testing.assert_array_equal(mask, ref.cord)
 

@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from bids_app.synth import intensity as inten
 from bids_app.synth.deform import EXTRA_TOP, SpineGeometry, random_geometry
-from bids_app.synth.features import FULL, Features
+from bids_app.synth.features import DEFAULT, Features
 from bids_app.synth.labels import BACKGROUND_BLOB_FIRST, CONUS_VALUE, CORD_LABELS, LABELS, N_BACKGROUND_BLOBS
 from bids_app.synth.render import BodyParams, Rendered, random_body, random_roots, render
 from bids_app.synth.template import (
@@ -146,7 +146,7 @@ def _acquisition_for(rng: np.random.Generator, contrast: str, kind: str | None, 
 
 
 def _clean_image(rng: np.random.Generator, rend: Rendered, contrast: str, spacing,
-                 features: Features = FULL) -> np.ndarray:
+                 features: Features = DEFAULT) -> np.ndarray:
     """Noise-free image from the rendered labels, partial volume at cord and sac edges.
 
     Tissues get SynthSeg-style Gaussian intensities, a smooth multiplicative texture
@@ -197,7 +197,7 @@ def _scanner_artefacts(rng: np.random.Generator, img: np.ndarray, phase_axis: in
 
 
 def _acquire(rng: np.random.Generator, img: np.ndarray, spacing, acq: Acquisition,
-             out_positions: list[np.ndarray] | None, features: Features = FULL) -> np.ndarray:
+             out_positions: list[np.ndarray] | None, features: Features = DEFAULT) -> np.ndarray:
     """Simulate the acquisition of a clean image rendered at ``spacing``.
 
     Blur (point spread), average over each acquired voxel (partial volume), sample on the
@@ -306,7 +306,7 @@ def _crop_height(rng: np.random.Generator, tpl: SpineTemplate, geo: SpineGeometr
 
 
 def _render_on_working_grid(rng, tpl, geo, body, roots, origin, spacing, shape, acq: Acquisition, contrast: str,
-                            blob_step: int = 2, features: Features = FULL) -> tuple[np.ndarray, np.ndarray]:
+                            blob_step: int = 2, features: Features = DEFAULT) -> tuple[np.ndarray, np.ndarray]:
     """Render at the working ``spacing`` (plus margins), simulate the acquisition ``acq``
     (thick slices: blur/average, sample, noise) and interpolate back onto the working grid.
 
@@ -329,7 +329,7 @@ def _render_on_working_grid(rng, tpl, geo, body, roots, origin, spacing, shape, 
 
 def generate_crop(seed: int, *, patch_size=(64, 64, 48), spacing=(0.5, 0.5, 1.0), pam50_dir=None,
                   contrast: str | None = None, region: str | None = None, source: str | None = None,
-                  acquisition: str | None = None, strength: float = 1.0, features: Features = FULL) -> SynthSample:
+                  acquisition: str | None = None, strength: float = 1.0, features: Features = DEFAULT) -> SynthSample:
     """A training patch around the cord, rendered only where needed, at ``spacing``.
 
     The patch is roughly centred on the cord with a random offset; ~13 % of patches lie
@@ -392,7 +392,7 @@ def _fov_z(rng: np.random.Generator, tpl: SpineTemplate, geo: SpineGeometry, reg
 
 def generate_sample(seed: int, *, source: str = "phantom", pam50_dir=None, region: str | None = None,
                     contrast: str | None = None, view: str = "full", spacing=None,
-                    acquisition: str | None = None, strength: float = 1.0, features: Features = FULL) -> SynthSample:
+                    acquisition: str | None = None, strength: float = 1.0, features: Features = DEFAULT) -> SynthSample:
     """A whole field of view with its truth.
 
     ``region`` in :data:`REGIONS` (random when None); ``acquisition`` "sagittal" | "axial" |
@@ -489,7 +489,7 @@ def _block_mode(labels: np.ndarray, sub: np.ndarray) -> np.ndarray:
 
 
 def _acquire_exact(rng: np.random.Generator, clean: np.ndarray, sub: np.ndarray, acq: Acquisition,
-                   features: Features = FULL) -> np.ndarray:
+                   features: Features = DEFAULT) -> np.ndarray:
     """Acquisition of a whole view rendered ``sub`` times finer: PSF blur, block average, artefacts."""
     if features.acquisition:
         sigma = [rng.uniform(0.0, 0.5) * s for s in sub]

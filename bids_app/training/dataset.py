@@ -140,7 +140,7 @@ class SyntheticSource:
     strength: float | None = None
     region: str | None = None     # fixes the region (validation sets); None: from task.regions
     fov: bool | None = None       # force / forbid whole-view patches (None: task.fov_fraction)
-    engine: str = "full"          # engine variant (bids_app.synth.features.ABLATIONS), for ablations
+    engine: str = "default"       # engine variant (bids_app.synth.features.ABLATIONS)
     _view_cache: dict = field(default_factory=dict, repr=False)
 
     def describe(self) -> dict:

@@ -67,18 +67,26 @@ class Recipe:
     threads: int = 2
     workers: int = 1
     loss: str = "dice+bce"
+    channel_weights: tuple[float, ...] | None = None   # per-output loss weights (None: all 1)
     stream: StreamConfig = field(default_factory=StreamConfig)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["freeze_prefixes"] = list(self.freeze_prefixes)
+        if self.channel_weights is not None:
+            d["channel_weights"] = list(self.channel_weights)
+            d["loss"] = "dice+bce, weighted per output channel"
         return d
 
 
 # --------------------------------------------------------------------------------------------- losses
 
 
+_LOSS_CLASSES: dict = {}
+
+
 def _register_losses():
+    """Register conus's losses and metric with Keras; return (dice_bce_loss, soft_dice)."""
     import keras
     from keras import ops
 
@@ -102,15 +110,51 @@ def _register_losses():
         bce = ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
         return ops.sum(1.0 - dice) + bce
 
+    if "weighted" not in _LOSS_CLASSES:
+        @keras.saving.register_keras_serializable(package="conus", name="WeightedDiceBCE")
+        class WeightedDiceBCE(keras.losses.Loss):
+            """``dice_bce_loss`` with one weight per output channel on both its Dice and BCE terms.
+
+            ``sum_c w_c (1 - Dice_c) + sum_c w_c BCE_c / C``: with every weight 1 this is exactly
+            ``dice_bce_loss``. A rare, slow-to-learn output (the spine model's C2/sacrum anchors)
+            can be weighted up without touching the others.
+            """
+
+            def __init__(self, channel_weights=(1.0,), name="weighted_dice_bce", **kwargs):
+                super().__init__(name=name, **kwargs)
+                self.channel_weights = [float(w) for w in channel_weights]
+
+            def call(self, y_true, y_pred):
+                w = ops.convert_to_tensor(self.channel_weights, dtype=y_pred.dtype)
+                axes = (0, 1, 2, 3)
+                inter = ops.sum(y_true * y_pred, axis=axes)
+                dice = (2.0 * inter + 1.0) / (ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes) + 1.0)
+                p = ops.clip(y_pred, 1e-7, 1.0 - 1e-7)
+                bce = -ops.mean(y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p), axis=axes)
+                return ops.sum(w * (1.0 - dice)) + ops.sum(w * bce) / len(self.channel_weights)
+
+            def get_config(self):
+                return {**super().get_config(), "channel_weights": self.channel_weights}
+
+        _LOSS_CLASSES["weighted"] = WeightedDiceBCE
     return dice_bce_loss, soft_dice
 
 
-def compile_model(model, lr: float) -> None:
-    """Adam + Dice/BCE loss + soft-Dice metric."""
+def make_loss(channel_weights: Sequence[float] | None = None):
+    """The training loss: ``dice_bce_loss``, or its per-channel weighted form when weights are given."""
+    loss, _metric = _register_losses()
+    if channel_weights is None:
+        return loss
+    return _LOSS_CLASSES["weighted"](channel_weights=tuple(channel_weights))
+
+
+def compile_model(model, lr: float, channel_weights: Sequence[float] | None = None) -> None:
+    """Adam + Dice/BCE loss (optionally weighted per output channel) + soft-Dice metric."""
     import keras
 
-    loss, metric = _register_losses()
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=loss, metrics=[metric])
+    _loss, metric = _register_losses()
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=make_loss(channel_weights),
+                  metrics=[metric])
 
 
 def configure_tensorflow(threads: int, seed: int) -> None:
@@ -360,7 +404,7 @@ def run_training(
         state.setdefault("resumed_argv", []).append(list(argv))
     else:
         apply_freeze(model, recipe.freeze_prefixes)
-        compile_model(model, recipe.lr)
+        compile_model(model, recipe.lr, recipe.channel_weights)
         state = {"epoch": -1, "seconds": 0.0, "steps": 0, "history": [], "lr": recipe.lr,
                  "best_dice": None, "best_epoch": None, "since_best": 0, "argv": list(argv),
                  "recipe": recipe.as_dict(), "task": task.as_dict()}
@@ -502,7 +546,20 @@ def recipe_from_args(args, base: Recipe | None = None) -> Recipe:
                    workers=base.workers if workers is None else int(workers),
                    keep_best=bool(getattr(args, "keep_best", False)) or base.keep_best,
                    schedule=getattr(args, "schedule", None) or base.schedule,
+                   channel_weights=_channel_weights(args, base),
                    stream=stream)
+
+
+def _channel_weights(args, base: Recipe) -> tuple[float, ...] | None:
+    weights = getattr(args, "loss_weights", None)
+    if not weights:
+        return base.channel_weights
+    targets = TASKS[args.task].targets if getattr(args, "task", None) in TASKS else None
+    if targets is not None and len(weights) != len(targets):
+        raise UsageError(f"--loss-weights takes one weight per output ({', '.join(targets)}); got {len(weights)}")
+    if any(w <= 0 for w in weights):
+        raise UsageError("--loss-weights must be positive")
+    return tuple(float(w) for w in weights)
 
 
 def main_train(args) -> int:
@@ -523,7 +580,7 @@ def main_train(args) -> int:
     normalisation = dict(DEFAULT_NORMALISATION)
 
     if args.synthetic:
-        source = SyntheticSource(task, pam50_dir=pam50, engine=getattr(args, "engine", None) or "full")
+        source = SyntheticSource(task, pam50_dir=pam50, engine=getattr(args, "engine", None) or "default")
         data_desc = {"kind": "synthetic", **source.describe(),
                      "note": "PAM50 label maps (85 %) + procedural phantom (15 %)" if pam50 else "procedural phantom only"}
         val_source = SyntheticSource(task, pam50_dir=pam50, fov=False)
