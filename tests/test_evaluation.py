@@ -115,3 +115,21 @@ def test_body_labels_are_matched_to_the_midpoint_of_their_discs():
     unnamed = levels.match_body_labels(bodies[:1], [3], shuffled, None)
     assert unnamed[0]["identity_ok"] is None and unnamed[0]["error_mm"] == pytest.approx(1.0)
     assert levels.match_body_labels(bodies[:1], [3], shuffled[:1], None)[0]["error_mm"] is None
+
+
+def test_identity_diagnosis_helpers():
+    diag = _load("identity_diagnosis")
+    z = lambda v: np.array([0.0, 0.0, float(v)])  # noqa: E731
+    truth = [(25, z(0)), (24, z(35)), (23, z(70))]            # L5-S1 .. L3-L4, sacrum in view
+    assert diag.oracle_flags(truth) == (True, False)
+    points = np.array([z(-40), z(1), z(36), z(120)])          # one in the sacrum, one far above
+    assert diag.drop_beyond(points, truth)[:, 2].tolist() == [1.0, 36.0, 120.0]
+    errors = diag.detection_errors(points, truth)
+    assert errors == {"false_above": 1, "false_below": 1, "false_inside": 0, "missed": 1}
+    # identities count only when the nearest detection carries the true value
+    assert diag.identity_hits(points, [None, 25, 24, 22], truth) == 2
+    assert diag.identity_hits(points, None, truth) == 0
+    rows = [{"discs_true": 3, "model": 0, "oracle_anchors": 2, "oracle_anchors_drop_beyond": 3, **errors}]
+    summary = diag.summarise(rows)
+    assert summary["identities_oracle_anchors"] == pytest.approx(2 / 3)
+    assert summary["identities_oracle_anchors_drop_beyond"] == 1.0 and summary["views_with_false_beyond_extremes"] == 1

@@ -1,0 +1,165 @@
+"""Why automatic disc identities fail: the spine model's detections under oracle anchors (issue #7).
+
+Runs a spine bundle (cord + discs [+ anchors]) over held-out whole synthetic views, the way
+``bids_app.training.view_eval`` does, and scores the disc identities three ways:
+
+- ``model``: what conus ships (sacrum / top-of-spine flags from the model's anchor output);
+- ``oracle_anchors``: the same detections, with the sacrum and top-of-spine flags taken from the
+  truth (L5-S1 / C2-C3 in view): the most a perfect anchor output could give on its own;
+- ``oracle_anchors_drop_beyond``: as above, and detections more than ``margin`` mm beyond the true
+  L5-S1 / C2-C3 (inside the sacrum or C2/C1/skull) removed, as a perfect anchor *region* would.
+
+It also counts the detector's errors per view: false detections (no true disc within
+``match_mm``) above the top true disc, below the bottom one or in between, and missed discs.
+A skipped identification counts as a failure (as in the issue). Usage::
+
+    python evaluation/identity_diagnosis.py --model spine-coarse --pam50 DIR [--n 3] [--out JSON]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+TOP, BOTTOM = 3, 25   # C2-C3 and L5-S1 (SCT disc values)
+CONDITIONS = ("model", "oracle_anchors", "oracle_anchors_drop_beyond")
+
+
+def oracle_flags(truth: list[tuple[int, np.ndarray]]) -> tuple[bool, bool]:
+    """(sacrum in view, top of the spine in view) from the true discs: L5-S1 / C2-C3 present."""
+    values = {v for v, _ in truth}
+    return BOTTOM in values, TOP in values
+
+
+def drop_beyond(points: np.ndarray, truth: list[tuple[int, np.ndarray]], margin: float = 5.0) -> np.ndarray:
+    """Detections (inferior -> superior) without those more than ``margin`` mm (scanner z) above the
+    true C2-C3 or below the true L5-S1, when that disc is in view."""
+    truth_at = dict(truth)
+    keep = np.ones(len(points), bool)
+    if TOP in truth_at:
+        keep &= points[:, 2] <= truth_at[TOP][2] + margin
+    if BOTTOM in truth_at:
+        keep &= points[:, 2] >= truth_at[BOTTOM][2] - margin
+    return points[keep]
+
+
+def identity_hits(points: np.ndarray, values, truth: list[tuple[int, np.ndarray]], match_mm: float = 10.0) -> int:
+    """True discs detected (nearest detection within ``match_mm``) *and* given their true value."""
+    if values is None or len(points) == 0:
+        return 0
+    hits = 0
+    for value, point in truth:
+        d = np.linalg.norm(points - point, axis=1)
+        i = int(np.argmin(d))
+        hits += int(d[i] <= match_mm and values[i] == value)
+    return hits
+
+
+def detection_errors(points: np.ndarray, truth: list[tuple[int, np.ndarray]], match_mm: float = 10.0) -> dict:
+    """False detections above / below / inside the true chain (by scanner z) and missed true discs."""
+    out = {"false_above": 0, "false_below": 0, "false_inside": 0, "missed": 0}
+    if not truth:
+        out["false_inside"] = len(points)
+        return out
+    true_pts = np.array([p for _, p in truth])
+    for p in points:
+        if np.linalg.norm(true_pts - p, axis=1).min() > match_mm:
+            key = ("false_above" if p[2] > true_pts[:, 2].max() else
+                   "false_below" if p[2] < true_pts[:, 2].min() else "false_inside")
+            out[key] += 1
+    for q in true_pts:
+        if len(points) == 0 or np.linalg.norm(points - q, axis=1).min() > match_mm:
+            out["missed"] += 1
+    return out
+
+
+def diagnose_view(predict_fn, sample, outputs, patch_size) -> dict:
+    """Per-view detector errors and identity hits under the three :data:`CONDITIONS`."""
+    from bids_app import centerline as cl
+    from bids_app import levels as lv
+    from bids_app.segment import sliding_window_predict
+
+    heat = sliding_window_predict(sample.image.astype(np.float32), predict_fn, patch_size, 0.5)
+    heat = heat if heat.ndim == 4 else heat[..., None]
+    centre = cl.fit_centerline(heat[..., outputs.index("cord")], sample.affine, sample.spacing)
+    conus = centre.conus_tip_mm if centre.found else None
+    anchors = heat[..., outputs.index("anchors")] if "anchors" in outputs else None
+    auto = lv.discs_from_heatmaps(heat[..., outputs.index("discs")], anchors, sample.affine,
+                                  centerline=centre if centre.found else None, conus_tip_mm=conus)
+    truth = [(int(v), np.asarray(p, float)) for v, p in sample.discs if TOP <= int(v) <= BOTTOM]
+    points = auto.points_mm
+    sacrum, top = oracle_flags(truth)
+    row = {"region": sample.region, "discs_true": len(truth), "discs_detected": int(len(points)),
+           **detection_errors(points, truth), "model_flags": [bool(auto.sacrum_in_view), bool(auto.top_in_view)],
+           "oracle_flags": [sacrum, top]}
+    row["model"] = identity_hits(points, auto.identification.values, truth)
+    oracle = lv.identify_discs(points, sacrum, top, conus) if len(points) else None
+    row["oracle_anchors"] = identity_hits(points, oracle.values if oracle else None, truth)
+    kept = drop_beyond(points, truth)
+    dropped = lv.identify_discs(kept, sacrum, top, conus) if len(kept) else None
+    row["oracle_anchors_drop_beyond"] = identity_hits(kept, dropped.values if dropped else None, truth)
+    row["reason_drop_beyond"] = dropped.reason if dropped else "no discs left"
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    n_true = sum(r["discs_true"] for r in rows)
+    out = {"views": len(rows), "discs_true": n_true}
+    for cond in CONDITIONS:
+        out[f"identities_{cond}"] = sum(r[cond] for r in rows) / n_true if n_true else None
+    for key in ("false_above", "false_below", "false_inside", "missed"):
+        out[key] = sum(r[key] for r in rows)
+    out["views_with_false_beyond_extremes"] = sum(r["false_above"] + r["false_below"] > 0 for r in rows)
+    return out
+
+
+def main(argv=None) -> int:
+    from bids_app.bundle import load_bundle
+    from bids_app.synth import generate_sample
+    from bids_app.training.view_eval import VIEW_REGIONS, VIEW_SEED
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="spine-coarse", help="spine bundle (name or folder)")
+    parser.add_argument("--pam50", default=None, help="PAM50 template folder (default: phantom only)")
+    parser.add_argument("--n", type=int, default=3, help="views per region (default: %(default)s)")
+    parser.add_argument("--seed0", type=int, default=VIEW_SEED,
+                        help="first seed (default: the bundles' held-out views, %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, help="write the rows and summary as JSON")
+    args = parser.parse_args(argv)
+
+    bundle = load_bundle(args.model)
+    outputs = list(bundle.metadata.get("outputs", ["cord"]))
+    if "discs" not in outputs:
+        parser.error(f"{args.model} has no disc output ({outputs})")
+    predict = bundle.predict_fn()
+    rows = []
+    t0 = time.time()
+    for ri, region in enumerate(VIEW_REGIONS):
+        for i in range(args.n):   # the same views as view_eval.evaluate_views
+            seed = args.seed0 + 1000 * ri + i
+            source = "phantom" if (args.pam50 is None or i % 4 == 3) else "pam50"
+            sample = generate_sample(seed, source=source, pam50_dir=args.pam50, region=region,
+                                     spacing=tuple(bundle.spacing))
+            row = {"seed": seed, "source": source,
+                   **diagnose_view(predict, sample, outputs, bundle.patch_size)}
+            rows.append(row)
+            print(f"{region:13s} {seed} true {row['discs_true']:2d} det {row['discs_detected']:2d} "
+                  f"false above/below/inside {row['false_above']}/{row['false_below']}/{row['false_inside']} "
+                  f"missed {row['missed']}  hits model {row['model']} oracle {row['oracle_anchors']} "
+                  f"oracle+drop {row['oracle_anchors_drop_beyond']}", flush=True)
+    summary = summarise(rows)
+    print(json.dumps(summary, indent=1))
+    print(f"({time.time() - t0:.0f} s)")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model": str(args.model), "sha256": bundle.sha256, "summary": summary,
+                                        "rows": rows}, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
