@@ -7,7 +7,10 @@ also reported for the cervicothoracic and lumbosacral cord. Prints a per-run tab
 difference; nothing is written into the BIDS folder.
 
     python evaluation/eval_region_aware.py BIDS_DIR OUT --lumbosacral-model BUNDLE [--model NAME] \
-        [--split-level T9-T10]
+        [--split-level T9-T10] [--reuse single]
+
+``--reuse single`` collects the single-model reports already in ``OUT/single`` (from an earlier
+call, e.g. run while the specialist was still training) instead of running them again.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lumbosacral-model", required=True)
     parser.add_argument("--model", default=None, help="general segmentation model (default: the shipped one)")
     parser.add_argument("--split-level", default="T9-T10")
+    parser.add_argument("--reuse", nargs="+", choices=("single", "region-aware"), default=(),
+                        help="collect these conditions' reports from OUT instead of running them again")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bids_app.cli import main as conus_main
@@ -45,6 +50,12 @@ def main(argv=None) -> int:
     results = {}
     for name, extra in (("single", []), ("region-aware", ["--lumbosacral-model", args.lumbosacral_model])):
         out = args.out_dir / name
+        if name in args.reuse:
+            runs = {r.run_id: {k: r.values.get(k) for k in KEYS} for r in collect_run_reports(out)}
+            if not runs:
+                parser.error(f"--reuse {name}: no run reports in {out}")
+            results[name] = {"exit_code": None, "runs": runs, "mean": summarise(runs), "reused": True}
+            continue
         argv_run = [str(args.bids_dir), str(out), "participant", "--skip_bids_validator", "--overwrite", "-q",
                     "--split", "--split-level", args.split_level, *extra]
         if args.model:
