@@ -28,14 +28,17 @@ import numpy as np
 
 
 def tip_crops(pam50: str | None, n: int, seed_base: int, patch_size, spacing, strength: float,
-              max_tries: int = 2000) -> list:
-    """The first ``n`` lumbosacral crops (from ``seed_base`` on) whose reference cord ends inside."""
+              max_tries: int = 2000, engine: str = "full") -> list:
+    """The first ``n`` lumbosacral crops (from ``seed_base`` on) whose reference cord ends inside,
+    from engine variant ``engine`` (default ``full``: the yardstick the recorded numbers used)."""
     from bids_app.synth import generate_crop
+    from bids_app.synth.features import features_named
 
+    features = features_named(engine)
     out = []
     for seed in range(seed_base, seed_base + max_tries):
         s = generate_crop(seed, patch_size=patch_size, spacing=spacing, pam50_dir=pam50, region="lumbosacral",
-                          strength=strength)
+                          strength=strength, features=features)
         if s.cord.any() and not s.cord[:, :, 0].any():
             out.append((seed, s))
         if len(out) == n:
@@ -105,6 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=48, help="crops holding the tip (default: %(default)s)")
     parser.add_argument("--seed-base", type=int, default=4_500_000)
     parser.add_argument("--strength", type=float, default=1.0, help="deformation/size range (1 = training)")
+    parser.add_argument("--engine", default="full", help="synthetic engine variant of the crops (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     from bids_app.bundle import load_bundle
@@ -116,7 +120,8 @@ def main(argv=None) -> int:
         bundle = load_bundle(b)
         grid = (tuple(bundle.patch_size), tuple(bundle.spacing))
         if grid not in crops_by_grid:
-            crops_by_grid[grid] = tip_crops(args.pam50, args.n, args.seed_base, *grid, args.strength)
+            crops_by_grid[grid] = tip_crops(args.pam50, args.n, args.seed_base, *grid, args.strength,
+                                              engine=args.engine)
         r = evaluate(bundle, crops_by_grid[grid])
         r["seconds"] = round(time.perf_counter() - t, 1)
         results.append(r)
