@@ -1032,29 +1032,63 @@ def disc_points_from_probability(
     return points[ok].reshape(-1, 3), scores[ok]
 
 
+def _outside_anchors(points: np.ndarray, blobs: list[np.ndarray], tol_mm: float) -> np.ndarray:
+    """Mask of the detections (inferior first) that lie outside every anchor blob along the chain.
+
+    Each blob's extent is measured along the polyline through the detections (extended beyond
+    its ends). A detection more than ``tol_mm`` inside that extent is dropped, and so is every
+    detection beyond a blob that reaches past an end of the chain (the sacrum below L5-S1, C2/C1
+    above C2-C3): the discs next to an anchor sit on its edge, within ``tol_mm``.
+    """
+    keep = np.ones(len(points), bool)
+    if len(points) < 2 or not blobs:
+        return keep
+    arcs = _arc_lengths(points)
+    middle = 0.5 * (arcs[0] + arcs[-1])
+    for blob in blobs:
+        pos = _closest_on_polyline(blob, points, extrapolate=True)[0]
+        lo, hi = float(pos.min()), float(pos.max())
+        inside = (arcs > lo + tol_mm) & (arcs < hi - tol_mm)
+        if hi > arcs[-1] and lo > middle:        # closes the top of the chain: nothing above it
+            inside |= arcs > lo + tol_mm
+        if lo < arcs[0] and hi < middle:         # closes the bottom: nothing below it
+            inside |= arcs < hi - tol_mm
+        keep &= ~inside
+    return keep
+
+
 def discs_from_heatmaps(
     disc_heat: np.ndarray, anchor_heat: np.ndarray | None, affine: np.ndarray, centerline=None,
     conus_tip_mm: np.ndarray | None = None, *, threshold: float = 0.5, anchor_threshold: float = 0.5,
-    min_anchor_mm3: float = 300.0, anchor_gap_mm: float = 15.0, config: IdentifyConfig = IdentifyConfig(),
+    min_anchor_mm3: float = 300.0, anchor_gap_mm: float = 15.0, inside_tol_mm: float = 3.0,
+    config: IdentifyConfig = IdentifyConfig(),
 ) -> AutoDiscs:
     """Detected and identified discs from the disc-tissue and anchor maps (same grid, ``affine``).
 
-    Discs are the blobs of ``disc_heat`` (:func:`disc_points_from_probability`). An anchor blob
-    (C2 or the sacrum) of at least ``min_anchor_mm3`` that starts within ``anchor_gap_mm`` below
-    the lowest disc (along the line through the discs) means the sacrum is in view; one that
-    starts within that distance above the highest disc means the top of the spine (C2) is.
-    Identities then come from :func:`identify_discs`.
+    Discs are the blobs of ``disc_heat`` (:func:`disc_points_from_probability`). The anchors are
+    bone where no disc can be: C2 with C1 (the top of the spine) and the sacrum. A detection more
+    than ``inside_tol_mm`` inside an anchor blob's extent along the chain of discs, or beyond an
+    anchor blob that closes an end of the chain, is dropped: the coarse model sees disc-like gaps in
+    the C1/C2 block and the sacrum (``docs/results/levels_identity_diagnosis.md``). Then an anchor
+    blob of at least ``min_anchor_mm3`` that starts within ``anchor_gap_mm`` below the lowest disc
+    (along the line through the discs) means the sacrum is in view; one that starts within that
+    distance above the highest disc means the top of the spine (C2) is. Identities then come from
+    :func:`identify_discs`.
     """
     points, scores = disc_points_from_probability(disc_heat, affine, centerline, threshold=threshold)
     sacrum = top = False
     if anchor_heat is not None and len(points):
-        line = points if len(points) > 1 else np.vstack([points[0] - [0, 0, 1.0], points[0]])
-        arcs = _arc_lengths(line)
-        for blob in _anchor_blobs(anchor_heat, affine, anchor_threshold, min_anchor_mm3):
-            pos = _closest_on_polyline(blob, line, extrapolate=True)[0]
-            if pos.max() < arcs[0] + 5.0 and arcs[0] - pos.max() <= anchor_gap_mm:
-                sacrum = True
-            if pos.min() > arcs[-1] - 5.0 and pos.min() - arcs[-1] <= anchor_gap_mm:
-                top = True
+        blobs = _anchor_blobs(anchor_heat, affine, anchor_threshold, min_anchor_mm3)
+        keep = _outside_anchors(points, blobs, inside_tol_mm)
+        points, scores = points[keep], scores[keep]
+        if len(points):
+            line = points if len(points) > 1 else np.vstack([points[0] - [0, 0, 1.0], points[0]])
+            arcs = _arc_lengths(line)
+            for blob in blobs:
+                pos = _closest_on_polyline(blob, line, extrapolate=True)[0]
+                if pos.max() < arcs[0] + 5.0 and arcs[0] - pos.max() <= anchor_gap_mm:
+                    sacrum = True
+                if pos.min() > arcs[-1] - 5.0 and pos.min() - arcs[-1] <= anchor_gap_mm:
+                    top = True
     ident = identify_discs(points, sacrum, top, conus_tip_mm, config=config)
     return AutoDiscs(points, scores, ident, sacrum, top)

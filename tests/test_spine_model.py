@@ -75,6 +75,46 @@ def test_discs_from_perfect_heatmaps_are_identified(whole_view):
     assert sorted(d.value for d in labels) == sorted(auto.identification.values)
 
 
+def test_outside_anchors_drops_detections_inside_or_beyond_an_end_anchor():
+    z = np.array([0.0, 30.0, 60.0, 90.0, 120.0])
+    points = np.stack([np.zeros(5), np.zeros(5), z], axis=1)
+    column = lambda lo, hi: np.stack([np.zeros(20), np.zeros(20), np.linspace(lo, hi, 20)], axis=1)  # noqa: E731
+    # a top anchor from 95 mm up: the detection at 120 is inside it, the one at 90 on its edge
+    assert lv._outside_anchors(points, [column(95, 140)], 3.0).tolist() == [True, True, True, True, False]
+    # a blob that does not reach past the chain's end leaves the detection beyond it alone
+    # (conservative: a spurious anchor in the chain must not delete the discs above it)
+    assert lv._outside_anchors(points, [column(93, 110)], 3.0).all()
+    # a sacrum from 25 mm down: the detection at 0 lies inside it, the one at 30 on its edge
+    assert lv._outside_anchors(points, [column(-70, 28)], 3.0).tolist() == [False, True, True, True, True]
+    # no anchor, or a small anchor in the middle of the chain that holds no detection: all kept
+    assert lv._outside_anchors(points, [], 3.0).all()
+    assert lv._outside_anchors(points, [column(40, 50)], 3.0).all()
+
+
+def test_a_false_disc_inside_the_sacrum_does_not_shift_the_count(whole_view):
+    """A disc-like blob in the sacrum (what the coarse model sees there) is dropped by the anchor,
+    so the sacrum still anchors the count and every identity stays right."""
+    s = whole_view
+    heat = _perfect_heatmaps(s)
+    truth = {v: p for v, p in s.discs if 3 <= v <= 25}
+    # the two lowest disc-tissue blobs (L5-S1, L4-L5), in voxels; the fake lies 25 mm below L5-S1
+    lab, n = ndimage.label(heat[..., 1] > 0.5)
+    l5s1, l4l5 = sorted(ndimage.center_of_mass(heat[..., 1] > 0.5, lab, range(1, n + 1)), key=lambda c: c[2])[:2]
+    down = np.subtract(l5s1, l4l5) / np.linalg.norm(np.subtract(l5s1, l4l5))
+    fake = np.asarray(l5s1) + 25.0 / SPACING[0] * down
+    blob = np.zeros(heat.shape[:3], np.float32)
+    blob[tuple(np.round(fake).astype(int))] = 1.0
+    blob = ndimage.binary_dilation(blob, iterations=5).astype(np.float32)   # > 150 mm3, like a disc
+    discs = np.maximum(heat[..., 1], ndimage.gaussian_filter(blob, 1.0))
+    assert lv._anchor_blobs(heat[..., 2], s.affine, 0.5, 300.0), "the phantom's sacrum must be an anchor"
+    auto = lv.discs_from_heatmaps(discs, heat[..., 2], s.affine, s.centerline_mm, s.conus_tip_mm)
+    assert auto.sacrum_in_view and auto.identification.values is not None, auto.identification.reason
+    assert sorted(auto.identification.values) == sorted(truth)
+    # without the anchor output the fake blob is the lowest "disc"
+    plain = lv.discs_from_heatmaps(discs, None, s.affine, s.centerline_mm, s.conus_tip_mm)
+    assert len(plain.points_mm) == len(auto.points_mm) + 1
+
+
 def test_discs_from_heatmaps_without_anchor_or_discs():
     heat = np.zeros((20, 20, 60), np.float32)
     auto = lv.discs_from_heatmaps(heat, heat, np.eye(4))
