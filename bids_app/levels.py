@@ -1033,12 +1033,15 @@ def disc_points_from_probability(
 
 
 def _outside_anchors(points: np.ndarray, blobs: list[np.ndarray], tol_mm: float) -> np.ndarray:
-    """Mask of the detections (inferior first) that lie outside every anchor blob along the chain.
+    """Mask of the detections (inferior first) that lie outside the anchors closing the chain.
 
     Each blob's extent is measured along the polyline through the detections (extended beyond
-    its ends). A detection more than ``tol_mm`` inside that extent is dropped, and so is every
-    detection beyond a blob that reaches past an end of the chain (the sacrum below L5-S1, C2/C1
-    above C2-C3): the discs next to an anchor sit on its edge, within ``tol_mm``.
+    its ends). A blob that reaches past the top of the chain from its upper half is C2/C1: every
+    detection more than ``tol_mm`` above its lower edge is dropped; one that reaches past the
+    bottom from its lower half is the sacrum: every detection more than ``tol_mm`` below its upper
+    edge is dropped. The discs next to an anchor sit on its edge, within ``tol_mm``. Blobs inside
+    the chain are ignored: no anchor lies there, so such a blob is the model's error, and it must
+    not delete discs (seen with a spine model whose anchor output fired along the thoracic spine).
     """
     keep = np.ones(len(points), bool)
     if len(points) < 2 or not blobs:
@@ -1048,12 +1051,10 @@ def _outside_anchors(points: np.ndarray, blobs: list[np.ndarray], tol_mm: float)
     for blob in blobs:
         pos = _closest_on_polyline(blob, points, extrapolate=True)[0]
         lo, hi = float(pos.min()), float(pos.max())
-        inside = (arcs > lo + tol_mm) & (arcs < hi - tol_mm)
-        if hi > arcs[-1] and lo > middle:        # closes the top of the chain: nothing above it
-            inside |= arcs > lo + tol_mm
-        if lo < arcs[0] and hi < middle:         # closes the bottom: nothing below it
-            inside |= arcs < hi - tol_mm
-        keep &= ~inside
+        if hi > arcs[-1] and lo > middle:        # closes the top of the chain
+            keep &= ~(arcs > lo + tol_mm)
+        if lo < arcs[0] and hi < middle:         # closes the bottom
+            keep &= ~(arcs < hi - tol_mm)
     return keep
 
 

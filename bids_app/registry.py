@@ -28,6 +28,13 @@ SHIPPED_BUNDLES: dict[str, dict] = {
         "trained on synthetic images only",
         "default": True,
     },
+    "seg-lumbosacral": {
+        "folder": "seg-lumbosacral",
+        "task": "segmentation",
+        "description": "seg-general fine-tuned on lumbosacral and below-conus crops (lumbar enlargement, "
+        "conus, cauda equina): the lumbosacral specialist for --lumbosacral-model or --model",
+        "default": False,
+    },
     "spine-coarse": {
         "folder": "spine-coarse",
         "task": "centerline",

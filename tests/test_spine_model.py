@@ -86,9 +86,10 @@ def test_outside_anchors_drops_detections_inside_or_beyond_an_end_anchor():
     assert lv._outside_anchors(points, [column(93, 110)], 3.0).all()
     # a sacrum from 25 mm down: the detection at 0 lies inside it, the one at 30 on its edge
     assert lv._outside_anchors(points, [column(-70, 28)], 3.0).tolist() == [False, True, True, True, True]
-    # no anchor, or a small anchor in the middle of the chain that holds no detection: all kept
+    # no anchor, or anchor-like blobs inside the chain (a model error, even over a detection): all kept
     assert lv._outside_anchors(points, [], 3.0).all()
     assert lv._outside_anchors(points, [column(40, 50)], 3.0).all()
+    assert lv._outside_anchors(points, [column(20, 100)], 3.0).all()
 
 
 def test_a_false_disc_inside_the_sacrum_does_not_shift_the_count(whole_view):
