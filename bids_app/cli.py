@@ -174,7 +174,7 @@ def get_bids_parser() -> ArgumentParser:
     run.add_argument("--split-level", "--split_level", type=_split_level, default=DEFAULT_SPLIT_LEVEL,
                      help="disc at which to split (default: %(default)s)")
     run.add_argument("--lumbosacral-model", "--lumbosacral_model", type=_model, metavar="NAME_OR_PATH",
-                     help="region-aware segmentation: segment the cord below the split disc (--split-level, from the run's disc labels) with this segmentation model and above it with --model, blended over 5 mm on either side of the split plane (default: none, one model throughout)")
+                     help="region-aware segmentation: segment the cord below the split disc (--split-level, from the run's disc labels) with this segmentation model and above it with --model, blended over 5 mm on either side of the split plane (default: none, one model throughout; the shipped lumbosacral specialist is seg-lumbosacral)")
     run.add_argument("--compare", nargs="+", type=Path, default=[], metavar="OUT",
                      help="group level: conus output folders to put side by side")
     ex = parser.add_argument_group("execution")
