@@ -1067,10 +1067,10 @@ def discs_from_heatmaps(
     """Detected and identified discs from the disc-tissue and anchor maps (same grid, ``affine``).
 
     Discs are the blobs of ``disc_heat`` (:func:`disc_points_from_probability`). The anchors are
-    bone where no disc can be: C2 with C1 (the top of the spine) and the sacrum. A detection more
-    than ``inside_tol_mm`` inside an anchor blob's extent along the chain of discs, or beyond an
-    anchor blob that closes an end of the chain, is dropped: the coarse model sees disc-like gaps in
-    the C1/C2 block and the sacrum (``docs/results/levels_identity_diagnosis.md``). Then an anchor
+    bone where no disc can be: C2 with C1 (the top of the spine) and the sacrum. An anchor blob that
+    closes an end of the chain of discs drops the detections more than ``inside_tol_mm`` inside or
+    beyond it (:func:`_outside_anchors`): the coarse model sees disc-like gaps in the C1/C2 block
+    and the sacrum (``docs/results/levels_identity_diagnosis.md``). Then an anchor
     blob of at least ``min_anchor_mm3`` that starts within ``anchor_gap_mm`` below the lowest disc
     (along the line through the discs) means the sacrum is in view; one that starts within that
     distance above the highest disc means the top of the spine (C2) is. Identities then come from

@@ -50,19 +50,17 @@ def main(argv=None) -> int:
     results = {}
     for name, extra in (("single", []), ("region-aware", ["--lumbosacral-model", args.lumbosacral_model])):
         out = args.out_dir / name
-        if name in args.reuse:
-            runs = {r.run_id: {k: r.values.get(k) for k in KEYS} for r in collect_run_reports(out)}
-            if not runs:
-                parser.error(f"--reuse {name}: no run reports in {out}")
-            results[name] = {"exit_code": None, "runs": runs, "mean": summarise(runs), "reused": True}
-            continue
-        argv_run = [str(args.bids_dir), str(out), "participant", "--skip_bids_validator", "--overwrite", "-q",
-                    "--split", "--split-level", args.split_level, *extra]
-        if args.model:
-            argv_run += ["--model", args.model]
-        code = conus_main(argv_run)
+        reused, code = name in args.reuse, None
+        if not reused:
+            argv_run = [str(args.bids_dir), str(out), "participant", "--skip_bids_validator", "--overwrite", "-q",
+                        "--split", "--split-level", args.split_level, *extra]
+            if args.model:
+                argv_run += ["--model", args.model]
+            code = conus_main(argv_run)
         runs = {r.run_id: {k: r.values.get(k) for k in KEYS} for r in collect_run_reports(out)}
-        results[name] = {"exit_code": code, "runs": runs, "mean": summarise(runs)}
+        if reused and not runs:
+            parser.error(f"--reuse {name}: no run reports in {out}")
+        results[name] = {"exit_code": code, "runs": runs, "mean": summarise(runs), "reused": reused}
     print(json.dumps(results, indent=1))
     print(f"{'run':36s} " + " ".join(f"{k[:18]:>18s}" for k in KEYS))
     for run_id in results["single"]["runs"]:

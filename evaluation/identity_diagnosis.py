@@ -79,18 +79,13 @@ def detection_errors(points: np.ndarray, truth: list[tuple[int, np.ndarray]], ma
 
 def diagnose_view(predict_fn, sample, outputs, patch_size) -> dict:
     """Per-view detector errors and identity hits under the three :data:`CONDITIONS`."""
-    from bids_app import centerline as cl
     from bids_app import levels as lv
-    from bids_app.segment import sliding_window_predict
+    from bids_app.training.view_eval import true_discs, view_discs, view_heatmaps
 
-    heat = sliding_window_predict(sample.image.astype(np.float32), predict_fn, patch_size, 0.5)
-    heat = heat if heat.ndim == 4 else heat[..., None]
-    centre = cl.fit_centerline(heat[..., outputs.index("cord")], sample.affine, sample.spacing)
+    heat, centre = view_heatmaps(predict_fn, sample, outputs, patch_size)
     conus = centre.conus_tip_mm if centre.found else None
-    anchors = heat[..., outputs.index("anchors")] if "anchors" in outputs else None
-    auto = lv.discs_from_heatmaps(heat[..., outputs.index("discs")], anchors, sample.affine,
-                                  centerline=centre if centre.found else None, conus_tip_mm=conus)
-    truth = [(int(v), np.asarray(p, float)) for v, p in sample.discs if TOP <= int(v) <= BOTTOM]
+    auto = view_discs(heat, outputs, sample, centre)
+    truth = true_discs(sample)
     points = auto.points_mm
     sacrum, top = oracle_flags(truth)
     row = {"region": sample.region, "discs_true": len(truth), "discs_detected": int(len(points)),
@@ -119,8 +114,7 @@ def summarise(rows: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     from bids_app.bundle import load_bundle
-    from bids_app.synth import generate_sample
-    from bids_app.training.view_eval import VIEW_REGIONS, VIEW_SEED
+    from bids_app.training.view_eval import VIEW_SEED, held_out_views
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="spine-coarse", help="spine bundle (name or folder)")
@@ -138,19 +132,15 @@ def main(argv=None) -> int:
     predict = bundle.predict_fn()
     rows = []
     t0 = time.time()
-    for ri, region in enumerate(VIEW_REGIONS):
-        for i in range(args.n):   # the same views as view_eval.evaluate_views
-            seed = args.seed0 + 1000 * ri + i
-            source = "phantom" if (args.pam50 is None or i % 4 == 3) else "pam50"
-            sample = generate_sample(seed, source=source, pam50_dir=args.pam50, region=region,
-                                     spacing=tuple(bundle.spacing))
-            row = {"seed": seed, "source": source,
-                   **diagnose_view(predict, sample, outputs, bundle.patch_size)}
-            rows.append(row)
-            print(f"{region:13s} {seed} true {row['discs_true']:2d} det {row['discs_detected']:2d} "
-                  f"false above/below/inside {row['false_above']}/{row['false_below']}/{row['false_inside']} "
-                  f"missed {row['missed']}  hits model {row['model']} oracle {row['oracle_anchors']} "
-                  f"oracle+drop {row['oracle_anchors_drop_beyond']}", flush=True)
+    # the same views as view_eval.evaluate_views (the bundles' whole_views metadata)
+    for region, seed, source, sample in held_out_views(spacing=bundle.spacing, pam50_dir=args.pam50,
+                                                       n_per_region=args.n, seed0=args.seed0):
+        row = {"seed": seed, "source": source, **diagnose_view(predict, sample, outputs, bundle.patch_size)}
+        rows.append(row)
+        print(f"{region:13s} {seed} true {row['discs_true']:2d} det {row['discs_detected']:2d} "
+              f"false above/below/inside {row['false_above']}/{row['false_below']}/{row['false_inside']} "
+              f"missed {row['missed']}  hits model {row['model']} oracle {row['oracle_anchors']} "
+              f"oracle+drop {row['oracle_anchors_drop_beyond']}", flush=True)
     summary = summarise(rows)
     print(json.dumps(summary, indent=1))
     print(f"({time.time() - t0:.0f} s)")

@@ -90,12 +90,16 @@ def _register_losses():
     import keras
     from keras import ops
 
+    def channel_dice(y_true, y_pred):
+        """Soft Dice over the whole batch (smooth 1), one value per output channel."""
+        axes = (0, 1, 2, 3)
+        inter = ops.sum(y_true * y_pred, axis=axes)
+        return (2.0 * inter + 1.0) / (ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes) + 1.0)
+
     @keras.saving.register_keras_serializable(package="conus", name="soft_dice")
     def soft_dice(y_true, y_pred):
         """Soft Dice over the whole batch (smooth 1) per output channel, averaged over channels."""
-        axes = (0, 1, 2, 3)
-        inter = ops.sum(y_true * y_pred, axis=axes)
-        return ops.mean((2.0 * inter + 1.0) / (ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes) + 1.0))
+        return ops.mean(channel_dice(y_true, y_pred))
 
     @keras.saving.register_keras_serializable(package="conus", name="dice_bce_loss")
     def dice_bce_loss(y_true, y_pred):
@@ -104,11 +108,8 @@ def _register_losses():
         Dice for overlap, BCE for calibrated probabilities. Summing (not averaging) the Dice
         terms keeps each channel's Dice as strong against the BCE as in a one-channel model.
         """
-        axes = (0, 1, 2, 3)
-        inter = ops.sum(y_true * y_pred, axis=axes)
-        dice = (2.0 * inter + 1.0) / (ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes) + 1.0)
         bce = ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
-        return ops.sum(1.0 - dice) + bce
+        return ops.sum(1.0 - channel_dice(y_true, y_pred)) + bce
 
     if "weighted" not in _LOSS_CLASSES:
         @keras.saving.register_keras_serializable(package="conus", name="WeightedDiceBCE")
@@ -126,12 +127,10 @@ def _register_losses():
 
             def call(self, y_true, y_pred):
                 w = ops.convert_to_tensor(self.channel_weights, dtype=y_pred.dtype)
-                axes = (0, 1, 2, 3)
-                inter = ops.sum(y_true * y_pred, axis=axes)
-                dice = (2.0 * inter + 1.0) / (ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes) + 1.0)
                 p = ops.clip(y_pred, 1e-7, 1.0 - 1e-7)
-                bce = -ops.mean(y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p), axis=axes)
-                return ops.sum(w * (1.0 - dice)) + ops.sum(w * bce) / len(self.channel_weights)
+                bce = -ops.mean(y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p), axis=(0, 1, 2, 3))
+                return (ops.sum(w * (1.0 - channel_dice(y_true, y_pred)))
+                        + ops.sum(w * bce) / len(self.channel_weights))
 
             def get_config(self):
                 return {**super().get_config(), "channel_weights": self.channel_weights}

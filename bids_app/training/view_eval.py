@@ -30,18 +30,41 @@ VIEW_SEED = 4_000_000
 SPLIT_VALUE = 17   # T9-T10
 
 
-def evaluate_view(predict_fn, sample, outputs: Sequence[str], patch_size, overlap: float = 0.5,
-                  match_mm: float = 10.0) -> dict:
-    """Metrics of one synthetic whole view (see the module docstring)."""
+def view_heatmaps(predict_fn, sample, outputs: Sequence[str], patch_size, overlap: float = 0.5):
+    """``(heat (X, Y, Z, C), centerline)`` of one view: the model's sliding-window outputs and the
+    global centerline fit on its cord output, as the pipeline computes them."""
     from bids_app import centerline as cl
-    from bids_app import levels as lv
     from bids_app.segment import sliding_window_predict
 
     heat = sliding_window_predict(sample.image.astype(np.float32), predict_fn, patch_size, overlap)
     if heat.ndim == 3:
         heat = heat[..., None]
+    centre = cl.fit_centerline(heat[..., list(outputs).index("cord")], sample.affine, sample.spacing)
+    return heat, centre
+
+
+def true_discs(sample) -> list[tuple[int, np.ndarray]]:
+    """The view's real intervertebral discs, C2-C3 (3) to L5-S1 (25): ``(SCT value, xyz mm)``."""
+    return [(int(v), np.asarray(p, float)) for v, p in sample.discs if 3 <= int(v) <= 25]
+
+
+def view_discs(heat: np.ndarray, outputs: Sequence[str], sample, centre):
+    """Detected and identified discs (:class:`bids_app.levels.AutoDiscs`) from a spine model's outputs."""
+    from bids_app import levels as lv
+
+    anchors = heat[..., list(outputs).index("anchors")] if "anchors" in outputs else None
+    return lv.discs_from_heatmaps(heat[..., list(outputs).index("discs")], anchors, sample.affine,
+                                  centerline=centre if centre.found else None,
+                                  conus_tip_mm=centre.conus_tip_mm if centre.found else None)
+
+
+def evaluate_view(predict_fn, sample, outputs: Sequence[str], patch_size, overlap: float = 0.5,
+                  match_mm: float = 10.0) -> dict:
+    """Metrics of one synthetic whole view (see the module docstring)."""
+    from bids_app import centerline as cl
+
+    heat, centre = view_heatmaps(predict_fn, sample, outputs, patch_size, overlap)
     spacing = sample.spacing
-    centre = cl.fit_centerline(heat[..., list(outputs).index("cord")], sample.affine, spacing)
     has_cord = bool(sample.cord.any())
     row: dict = {"region": sample.region, "contrast": sample.contrast, "has_cord": has_cord,
                  "cord_found": bool(centre.found)}
@@ -55,11 +78,8 @@ def evaluate_view(predict_fn, sample, outputs: Sequence[str], patch_size, overla
                                      if tip is not None else None)
     if "discs" not in outputs:
         return row
-    truth = [(int(v), np.asarray(p, float)) for v, p in sample.discs if 3 <= int(v) <= 25]
-    anchors = heat[..., list(outputs).index("anchors")] if "anchors" in outputs else None
-    auto = lv.discs_from_heatmaps(heat[..., list(outputs).index("discs")], anchors, sample.affine,
-                                  centerline=centre if centre.found else None,
-                                  conus_tip_mm=centre.conus_tip_mm if centre.found else None)
+    truth = true_discs(sample)
+    auto = view_discs(heat, outputs, sample, centre)
     values = auto.identification.values
     errors, correct = [], 0
     split_error = None
@@ -130,27 +150,36 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def evaluate_views(predict_fn, *, outputs: Sequence[str], spacing, patch_size, pam50_dir: str | None,
-                   n_per_region: int = 4, regions: Sequence[str] = VIEW_REGIONS, seed0: int = VIEW_SEED,
-                   strength: float = 1.0) -> dict:
-    """Held-out whole views (seeds ``seed0``+, PAM50 when available, every 4th a phantom), summarised
-    overall and per region; ``rows`` holds the per-view numbers."""
+def held_out_views(*, spacing, pam50_dir: str | None, n_per_region: int = 4, regions: Sequence[str] = VIEW_REGIONS,
+                   seed0: int = VIEW_SEED, strength: float = 1.0):
+    """Yield ``(region, seed, source, sample)`` for the held-out whole views: seeds ``seed0 + 1000 *
+    region index + i``, PAM50 when available, every 4th a phantom."""
     from bids_app.synth import generate_sample
 
-    rows = []
     for ri, region in enumerate(regions):
         for i in range(n_per_region):
             seed = seed0 + 1000 * ri + i
             source = "phantom" if (pam50_dir is None or i % 4 == 3) else "pam50"
-            sample = generate_sample(seed, source=source, pam50_dir=pam50_dir, region=region,
-                                     spacing=tuple(spacing), strength=strength)
-            row = evaluate_view(predict_fn, sample, outputs, patch_size)
-            row.update({"seed": seed, "source": source, "requested_region": region})
-            rows.append(row)
-            LOG.info("view %s/%s seed %d: %s", region, source, seed,
-                     {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()
-                      if k in ("cord_found", "centerline_mean_mm", "conus_tip_error_mm", "discs_true",
-                               "discs_matched", "identities_correct")})
+            yield region, seed, source, generate_sample(seed, source=source, pam50_dir=pam50_dir, region=region,
+                                                        spacing=tuple(spacing), strength=strength)
+
+
+def evaluate_views(predict_fn, *, outputs: Sequence[str], spacing, patch_size, pam50_dir: str | None,
+                   n_per_region: int = 4, regions: Sequence[str] = VIEW_REGIONS, seed0: int = VIEW_SEED,
+                   strength: float = 1.0) -> dict:
+    """Held-out whole views (:func:`held_out_views`), summarised overall and per region; ``rows``
+    holds the per-view numbers."""
+    rows = []
+    for region, seed, source, sample in held_out_views(spacing=spacing, pam50_dir=pam50_dir,
+                                                       n_per_region=n_per_region, regions=regions,
+                                                       seed0=seed0, strength=strength):
+        row = evaluate_view(predict_fn, sample, outputs, patch_size)
+        row.update({"seed": seed, "source": source, "requested_region": region})
+        rows.append(row)
+        LOG.info("view %s/%s seed %d: %s", region, source, seed,
+                 {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()
+                  if k in ("cord_found", "centerline_mean_mm", "conus_tip_error_mm", "discs_true",
+                           "discs_matched", "identities_correct")})
     by_region = {region: summarise([r for r in rows if r["requested_region"] == region]) for region in regions}
     return {"all": summarise(rows), "by_region": by_region, "rows": rows,
             "description": f"{len(rows)} held-out whole synthetic views (seeds {seed0}+, strength {strength}), "
