@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
-from scipy.special import gammaincc
+from scipy.special import gammaincc, ndtr
 
 from bids_app.errors import BadDataError, InputMissingError, UsageError
 
@@ -660,19 +660,26 @@ class IdentifyConfig:
     min_confidence: float = 0.9
     max_residual_sd: float = 3.5  # worst single-gap misfit (in sd) still accepted
     min_fit_p: float = 1e-3  # chi-square goodness of fit of the best labelling (gaps + scale)
+    edge_margin_mm: float = 10.0  # a disc this close to the field of view's edge may go undetected
+    edge_sd_mm: float = 5.0  # uncertainty of where the edge cuts (curvature, extrapolation)
+    closed_prob: float = 0.9  # an end counts as closed (sacrum / C2 seen) above this visibility
 
 
 class DiscIdentification(NamedTuple):
-    """``values`` (inferior first, same order as the points) or None, confidence, reason."""
+    """``values`` (inferior first, same order as the points) or None, confidence, reason, and whether
+    the count was anchored at the sacrum (L5-S1) / the top of the spine (C2-C3)."""
 
     values: tuple[int, ...] | None
     confidence: float
     reason: str
+    sacrum_anchored: bool = False
+    top_anchored: bool = False
 
 
 def identify_discs(
     disc_points_mm: np.ndarray, sacrum_in_view: bool, top_in_view: bool,
-    conus_tip_mm: np.ndarray | None = None, *, config: IdentifyConfig = IdentifyConfig(),
+    conus_tip_mm: np.ndarray | None = None, *, room_mm: tuple[float, float] | None = None,
+    config: IdentifyConfig = IdentifyConfig(),
 ) -> DiscIdentification:
     """Give detected discs their SCT values, with a confidence; skip when not trustworthy.
 
@@ -683,6 +690,13 @@ def identify_discs(
     the conus tip, when given, prefers to lie near the L1-L2 disc. The lowest detection is
     fixed to L5-S1 when the sacrum is in view (counting up), the highest to C2-C3 when the top
     of the spine is (counting down); otherwise only the spacing priors and the conus speak.
+    ``room_mm = (below, above)``, the distance (mm) from the lowest / highest detection to the
+    field of view's edge along the chain (:func:`fov_room_mm`), makes the ends of the chain
+    evidence too: a labelling that puts real discs (C2-C3 to L5-S1) inside that room, more than
+    ``config.edge_margin_mm`` from the edge, counts each as a missed detection. So a long
+    disc-free stretch below the lowest disc (the sacrum) favours L5-S1 and one above the highest
+    (C2, C1 and the skull base) favours C2-C3; when the next disc beyond would have been seen
+    with probability >= ``config.closed_prob``, that end counts as an anchor.
     The confidence is the smallest posterior probability among the chosen identities; below
     ``config.min_confidence``, when the best labelling still misfits the spacings, or when it
     needs undetected discs while neither the sacrum nor C2 is in view, the values are None and
@@ -696,14 +710,8 @@ def identify_discs(
     if n > lowest - highest + 1:
         span = f"{disc_name(highest)} to {disc_name(lowest)}"
         return DiscIdentification(None, 0.0, f"{n} discs detected, more than exist from {span}")
-    anchors = []
-    if sacrum_in_view:
-        anchors.append(f"counted up from {disc_name(lowest)} (sacrum in view)")
-    if top_in_view:
-        anchors.append(f"counted down from {disc_name(highest)} (top of the spine in view)")
-    if not anchors:
-        anchors.append("spacing priors" + (" and the conus" if conus_tip_mm is not None else " only"))
-    how = "; ".join(anchors)
+    room = None if room_mm is None else (float(room_mm[0]), float(room_mm[1]))
+    how = _how(sacrum_in_view, top_in_view, conus_tip_mm is not None, lowest, highest)
 
     states = np.arange(highest, lowest + 1)  # candidate values
     gaps = np.linalg.norm(np.diff(points, axis=0), axis=1)
@@ -730,6 +738,10 @@ def identify_discs(
         unary = [np.zeros(len(states)) for _ in range(n)]
         unary[0] = unary[0] + first
         unary[-1] = unary[-1] + last
+        if room is not None:
+            miss = math.log(config.miss_prob)
+            unary[0] = unary[0] + miss * _visible_beyond(states, room[0], scale, config, below=True)
+            unary[-1] = unary[-1] + miss * _visible_beyond(states, room[1], scale, config, below=False)
         pair = [_pair_log_potential(states, gaps[i], scale, config) for i in range(n - 1)]
         if conus_pos is not None:
             _add_conus_term(unary, pair, states, chain_pos, conus_pos, scale, config)
@@ -757,6 +769,12 @@ def identify_discs(
     if len(residuals) and np.max(np.abs(residuals)) > config.max_residual_sd or p_fit < config.min_fit_p:
         why = f"disc spacing misfits the best labelling (chi-square p = {p_fit:.1e})"
         return DiscIdentification(None, confidence, f"{how}: {why}; {skipped}")
+    if room is not None:  # an end whose next disc would have been seen closes the chain
+        sacrum_in_view = sacrum_in_view or bool(values[0] == lowest and _visible_beyond(
+            np.array([lowest - 1]), room[0], scale, config, below=True)[0] >= config.closed_prob)
+        top_in_view = top_in_view or bool(values[-1] == highest and _visible_beyond(
+            np.array([highest + 1]), room[1], scale, config, below=False)[0] >= config.closed_prob)
+        how = _how(sacrum_in_view, top_in_view, conus_tip_mm is not None, lowest, highest, room)
     missed = sum(a - b - 1 for a, b in zip(values[:-1], values[1:], strict=True))
     if missed and not (sacrum_in_view or top_in_view):
         # without an anchor, a missed detection is where an off-by-one count hides (seen on
@@ -768,7 +786,37 @@ def identify_discs(
         return DiscIdentification(None, confidence, f"{how}: {why}; {skipped}")
     note = f", {missed} undetected disc(s) inferred" if missed else ""
     found = f"{disc_name(values[0])} to {disc_name(values[-1])}{note}"
-    return DiscIdentification(values, confidence, f"{how}: {found}, confidence {confidence:.2f}")
+    return DiscIdentification(values, confidence, f"{how}: {found}, confidence {confidence:.2f}",
+                              bool(sacrum_in_view), bool(top_in_view))
+
+
+def _how(sacrum: bool, top: bool, conus: bool, lowest: int, highest: int,
+         room: tuple[float, float] | None = None) -> str:
+    """How the identities were anchored, for the report."""
+    anchors = []
+    if sacrum:
+        seen = "sacrum in view" if room is None else f"sacrum in view: no disc in the {room[0]:.0f} mm below"
+        anchors.append(f"counted up from {disc_name(lowest)} ({seen})")
+    if top:
+        seen = ("top of the spine in view" if room is None
+                else f"top of the spine in view: no disc in the {room[1]:.0f} mm above")
+        anchors.append(f"counted down from {disc_name(highest)} ({seen})")
+    if not anchors:
+        anchors.append("spacing priors" + (" and the conus" if conus else " only"))
+    return "; ".join(anchors)
+
+
+def _visible_beyond(states: np.ndarray, room: float, scale: float, config: IdentifyConfig, *,
+                    below: bool) -> np.ndarray:
+    """Expected number of real discs (C2-C3 .. L5-S1) beyond a chain end labelled ``states`` that lie
+    inside the field of view: ``room`` mm beyond it, less ``config.edge_margin_mm``."""
+    pos = _TEMPLATE_POS[states - FIRST_DISC]
+    others = np.arange(config.top_value, config.bottom_value + 1)
+    opos = _TEMPLATE_POS[others - FIRST_DISC]
+    dist = scale * ((opos[None, :] - pos[:, None]) if below else (pos[:, None] - opos[None, :]))
+    sd = np.sqrt((config.spacing_rel_sd * dist) ** 2 + config.edge_sd_mm**2)
+    seen = ndtr((room - config.edge_margin_mm - dist) / sd)
+    return np.sum(np.where(dist > 0, seen, 0.0), axis=1)
 
 
 def _expected_gap(states: np.ndarray, scale: float) -> np.ndarray:
@@ -893,6 +941,27 @@ class AutoDiscs(NamedTuple):
         if self.identification.values is None:
             return []
         return make_disc_labels(self.identification.values, self.points_mm, affine)
+
+
+def fov_room_mm(points_mm: np.ndarray, shape: Sequence[int], affine: np.ndarray) -> tuple[float, float]:
+    """``(below, above)``: distance (mm) from the lowest / highest of the discs ``points_mm`` (ordered
+    inferior first) to the edge of the field of view (voxel grid ``shape``, ``affine``), going on
+    along the chain (its end segment; straight down / up for a single disc)."""
+    points = np.asarray(points_mm, dtype=float).reshape(-1, 3)
+    if len(points) == 0:
+        raise ValueError("fov_room_mm needs at least one disc")
+    inv = np.linalg.inv(np.asarray(affine, dtype=float))
+    upper = np.asarray(shape[:3], dtype=float) - 0.5
+    room = []
+    for end, neighbour, sign in ((0, 1, -1.0), (-1, -2, 1.0)):
+        direction = points[end] - points[neighbour] if len(points) > 1 else np.array([0.0, 0.0, sign])
+        direction = inv[:3, :3] @ (direction / np.linalg.norm(direction))  # voxels per mm
+        origin = inv[:3, :3] @ points[end] + inv[:3, 3]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            exits = np.where(direction > 0, (upper - origin) / direction, (-0.5 - origin) / direction)
+        exits = exits[np.abs(direction) > 1e-12]
+        room.append(float(max(0.0, exits.min())) if len(exits) else 0.0)
+    return room[0], room[1]
 
 
 def _blobs(mask: np.ndarray, affine: np.ndarray, min_volume_mm3: float):
@@ -1062,7 +1131,7 @@ def discs_from_heatmaps(
     disc_heat: np.ndarray, anchor_heat: np.ndarray | None, affine: np.ndarray, centerline=None,
     conus_tip_mm: np.ndarray | None = None, *, threshold: float = 0.5, anchor_threshold: float = 0.5,
     min_anchor_mm3: float = 300.0, anchor_gap_mm: float = 15.0, inside_tol_mm: float = 3.0,
-    config: IdentifyConfig = IdentifyConfig(),
+    fov_evidence: bool = True, config: IdentifyConfig = IdentifyConfig(),
 ) -> AutoDiscs:
     """Detected and identified discs from the disc-tissue and anchor maps (same grid, ``affine``).
 
@@ -1074,7 +1143,9 @@ def discs_from_heatmaps(
     blob of at least ``min_anchor_mm3`` that starts within ``anchor_gap_mm`` below the lowest disc
     (along the line through the discs) means the sacrum is in view; one that starts within that
     distance above the highest disc means the top of the spine (C2) is. Identities then come from
-    :func:`identify_discs`.
+    :func:`identify_discs`, with ``fov_evidence`` the disc-free room between the chain's ends and
+    the edge of the heatmaps' field of view (:func:`fov_room_mm`): no disc detected in a long
+    stretch below the lowest disc is the sacrum's signature, above the highest one C2's.
     """
     points, scores = disc_points_from_probability(disc_heat, affine, centerline, threshold=threshold)
     sacrum = top = False
@@ -1091,5 +1162,7 @@ def discs_from_heatmaps(
                     sacrum = True
                 if pos.min() > arcs[-1] - 5.0 and pos.min() - arcs[-1] <= anchor_gap_mm:
                     top = True
-    ident = identify_discs(points, sacrum, top, conus_tip_mm, config=config)
-    return AutoDiscs(points, scores, ident, sacrum, top)
+    room = fov_room_mm(points, np.shape(disc_heat), affine) if fov_evidence and len(points) else None
+    ident = identify_discs(points, sacrum, top, conus_tip_mm, room_mm=room, config=config)
+    sacrum, top = sacrum or ident.sacrum_anchored, top or ident.top_anchored
+    return AutoDiscs(points, scores, ident, bool(sacrum), bool(top))

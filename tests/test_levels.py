@@ -377,7 +377,7 @@ def test_identify_counting_up_from_the_sacrum_with_a_missed_disc():
 
 def test_identify_counting_down_from_c2_c3():
     truth = list(range(10, 2, -1))  # T2-T3 .. C2-C3, inferior first
-    values, confidence, reason = lv.identify_discs(_detected(truth, 0.92, seed=2), False, True)
+    values, confidence, reason, *_ = lv.identify_discs(_detected(truth, 0.92, seed=2), False, True)
     assert values == tuple(truth)
     assert confidence > 0.9 and "C2-C3" in reason
     # The same detections counted as if the sacrum were in view misfit the spacing priors.
@@ -410,8 +410,46 @@ def test_identify_without_anchor_does_not_infer_missed_discs():
     assert lv.identify_discs(_detected(gap, 1.0, seed=5), True, False, conus).values == tuple(gap)
 
 
+def test_fov_room_along_the_chain():
+    """Room from each end of the chain to the edge of the field of view, along the chain."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-20.0, -20.0, -100.0]          # z from -100 (index 0) to 98 (index 99)
+    chain = np.array([[0.0, 0.0, -40.0], [0.0, 0.0, 0.0], [0.0, 0.0, 30.0]])
+    below, above = lv.fov_room_mm(chain, (21, 21, 100), affine)
+    assert below == pytest.approx(-40.0 - (-101.0)) and above == pytest.approx(99.0 - 30.0)
+    # a tilted end segment leaves through the side: 45 degrees in y, 21 mm to the +y edge
+    tilted = np.array([[0.0, 0.0, 0.0], [0.0, 10.0, 10.0]])
+    assert lv.fov_room_mm(tilted, (21, 21, 100), affine)[1] == pytest.approx(11.0 * np.sqrt(2))
+    # one disc: straight down and up
+    assert lv.fov_room_mm(chain[1:2], (21, 21, 100), affine) == pytest.approx((101.0, 99.0))
+    with pytest.raises(ValueError):
+        lv.fov_room_mm(np.zeros((0, 3)), (21, 21, 100), affine)
+
+
+def test_identify_counts_from_a_disc_free_end_of_the_field_of_view():
+    """Without any anchor output, a long stretch without discs below the lowest detection is the
+    sacrum (count up from L5-S1) and one above the highest is C2 with the skull base (count down
+    from C2-C3). When the field of view ends close to the last disc, nothing is inferred."""
+    lumbar = list(range(25, 16, -1))                   # L5-S1 .. T9-T10, the lumbosacral views
+    pts = _detected(lumbar, 1.05, seed=11)
+    free = lv.identify_discs(pts, False, False, room_mm=(60.0, 5.0))
+    assert free.values == tuple(lumbar) and free.sacrum_anchored and not free.top_anchored
+    assert free.confidence > 0.9 and "no disc in the 60 mm below" in free.reason
+    cut = lv.identify_discs(pts, False, False, room_mm=(5.0, 5.0))
+    assert cut.values is None and not cut.sacrum_anchored
+    # the same room below a chain that really ends at L4-L5 cannot make it L5-S1: L5-S1 would
+    # have to be missed in plain view, so the count stays unanchored (and is refused)
+    upper = lv.identify_discs(_detected(list(range(24, 16, -1)), 1.05, seed=11), False, False,
+                              room_mm=(10.0, 5.0))
+    assert upper.values is None or upper.values[0] == 24
+    cervical = list(range(10, 2, -1))                  # T2-T3 .. C2-C3
+    top = lv.identify_discs(_detected(cervical, 0.95, seed=12), False, False, room_mm=(5.0, 45.0))
+    assert top.values == tuple(cervical) and top.top_anchored and top.confidence > 0.9
+    assert lv.identify_discs(_detected(cervical, 0.95, seed=12), False, False, room_mm=(5.0, 5.0)).values is None
+
+
 def test_identify_edge_cases():
-    assert lv.identify_discs(np.zeros((0, 3)), True, True) == (None, 0.0, "no discs detected")
+    assert lv.identify_discs(np.zeros((0, 3)), True, True)[:3] == (None, 0.0, "no discs detected")
     one = lv.identify_discs(np.array([[0.0, 8.0, -500.0]]), True, False)
     assert one.values == (25,)
     too_many = _detected(list(range(25, 2, -1)) + [2, 1], 1.0, seed=5)
