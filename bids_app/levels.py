@@ -663,6 +663,7 @@ class IdentifyConfig:
     edge_margin_mm: float = 10.0  # a disc this close to the field of view's edge may go undetected
     edge_sd_mm: float = 5.0  # uncertainty of where the edge cuts (curvature, extrapolation)
     closed_prob: float = 0.9  # an end counts as closed (sacrum / C2 seen) above this visibility
+    anchor_lr: float = 20.0  # weight of an anchor flag for L5-S1 / C2-C3 at its end (math.inf: fixed)
 
 
 class DiscIdentification(NamedTuple):
@@ -687,9 +688,13 @@ def identify_discs(
     A chain model scores every labelling with strictly decreasing values: each gap between
     consecutive detections must match the typical spacing of the vertebrae it spans (times
     one overall spine scale), a gap spanning several vertebrae costs a missed detection, and
-    the conus tip, when given, prefers to lie near the L1-L2 disc. The lowest detection is
-    fixed to L5-S1 when the sacrum is in view (counting up), the highest to C2-C3 when the top
-    of the spine is (counting down); otherwise only the spacing priors and the conus speak.
+    the conus tip, when given, prefers to lie near the L1-L2 disc. When the sacrum is in view
+    (``sacrum_in_view``, from an anchor output) the lowest detection is L5-S1 (counting up) with a
+    likelihood ratio of ``config.anchor_lr`` against every other value; the same for the top of
+    the spine and C2-C3 (counting down). So an anchor that fires at the wrong place (a spine model
+    whose anchor output also fires along the thoracic spine) is outweighed by the spacings and the
+    conus instead of forcing a confident wrong count. Without anchors only the spacing priors and
+    the conus speak.
     ``room_mm = (below, above)``, the distance (mm) from the lowest / highest detection to the
     field of view's edge along the chain (:func:`fov_room_mm`), makes the ends of the chain
     evidence too: a labelling that puts real discs (C2-C3 to L5-S1) inside that room, more than
@@ -726,8 +731,9 @@ def identify_discs(
         else:  # one disc: the conus is above or below it (scanner z is superior in RAS)
             conus_pos = float(np.sign(conus[2] - points[0, 2]) * np.linalg.norm(conus - points[0]))
 
-    first = np.where(states == lowest, 0.0, -np.inf) if sacrum_in_view else np.zeros(len(states))
-    last = np.where(states == highest, 0.0, -np.inf) if top_in_view else np.zeros(len(states))
+    against = -math.log(config.anchor_lr)  # an anchor flag's weight against the other values
+    first = np.where(states == lowest, 0.0, against) if sacrum_in_view else np.zeros(len(states))
+    last = np.where(states == highest, 0.0, against) if top_in_view else np.zeros(len(states))
 
     log_scales = np.linspace(-3 * config.scale_sd, 3 * config.scale_sd, 31)
     best = (-np.inf, None)
@@ -769,12 +775,21 @@ def identify_discs(
     if len(residuals) and np.max(np.abs(residuals)) > config.max_residual_sd or p_fit < config.min_fit_p:
         why = f"disc spacing misfits the best labelling (chi-square p = {p_fit:.1e})"
         return DiscIdentification(None, confidence, f"{how}: {why}; {skipped}")
-    if room is not None:  # an end whose next disc would have been seen closes the chain
-        sacrum_in_view = sacrum_in_view or bool(values[0] == lowest and _visible_beyond(
+    # an end labelled L5-S1 / C2-C3 is anchored by the anchor flag or by a disc-free room beyond it
+    # in which the next disc would have been seen
+    flags = sacrum_in_view, top_in_view
+    if room is not None:
+        sacrum_in_view = sacrum_in_view or bool(_visible_beyond(
             np.array([lowest - 1]), room[0], scale, config, below=True)[0] >= config.closed_prob)
-        top_in_view = top_in_view or bool(values[-1] == highest and _visible_beyond(
+        top_in_view = top_in_view or bool(_visible_beyond(
             np.array([highest + 1]), room[1], scale, config, below=False)[0] >= config.closed_prob)
-        how = _how(sacrum_in_view, top_in_view, conus_tip_mm is not None, lowest, highest, room)
+    sacrum_in_view = sacrum_in_view and values[0] == lowest
+    top_in_view = top_in_view and values[-1] == highest
+    how = _how(sacrum_in_view, top_in_view, conus_tip_mm is not None, lowest, highest, room)
+    overruled = [name for name, flag, kept in (("sacrum", flags[0], sacrum_in_view), ("top", flags[1], top_in_view))
+                 if flag and not kept]
+    if overruled:
+        how += f" (anchor output's {' and '.join(overruled)} outweighed by spacing and conus)"
     missed = sum(a - b - 1 for a, b in zip(values[:-1], values[1:], strict=True))
     if missed and not (sacrum_in_view or top_in_view):
         # without an anchor, a missed detection is where an off-by-one count hides (seen on

@@ -380,8 +380,13 @@ def test_identify_counting_down_from_c2_c3():
     values, confidence, reason, *_ = lv.identify_discs(_detected(truth, 0.92, seed=2), False, True)
     assert values == tuple(truth)
     assert confidence > 0.9 and "C2-C3" in reason
-    # The same detections counted as if the sacrum were in view misfit the spacing priors.
-    assert lv.identify_discs(_detected(truth, 0.92, seed=2), True, False).values is None
+    # A sacrum flag on the same detections (an anchor output firing at the wrong end) is outweighed:
+    # never a count up from L5-S1; held as a fixed constraint, the spacing priors refuse it.
+    wrong_flag = lv.identify_discs(_detected(truth, 0.92, seed=2), True, False)
+    assert wrong_flag.values in (None, tuple(truth)) and not wrong_flag.sacrum_anchored
+    assert "sacrum outweighed" in wrong_flag.reason
+    fixed = lv.IdentifyConfig(anchor_lr=math.inf)
+    assert lv.identify_discs(_detected(truth, 0.92, seed=2), True, False, config=fixed).values is None
 
 
 def test_identify_low_confidence_is_skipped_not_guessed():
@@ -450,8 +455,11 @@ def test_identify_counts_from_a_disc_free_end_of_the_field_of_view():
 
 def test_identify_edge_cases():
     assert lv.identify_discs(np.zeros((0, 3)), True, True)[:3] == (None, 0.0, "no discs detected")
-    one = lv.identify_discs(np.array([[0.0, 8.0, -500.0]]), True, False)
-    assert one.values == (25,)
+    one = np.array([[0.0, 8.0, -500.0]])
+    # one disc with the sacrum flag: fixed, it is L5-S1; weighed, only with the sacrum's room below it
+    assert lv.identify_discs(one, True, False, config=lv.IdentifyConfig(anchor_lr=math.inf)).values == (25,)
+    assert lv.identify_discs(one, True, False).values is None
+    assert lv.identify_discs(one, True, False, room_mm=(60.0, 5.0)).values == (25,)
     too_many = _detected(list(range(25, 2, -1)) + [2, 1], 1.0, seed=5)
     assert lv.identify_discs(too_many, True, True).values is None
     labels = lv.make_disc_labels((21, 20), np.array([[0.0, 0, -10], [0.0, 0, 20]]), np.eye(4))
