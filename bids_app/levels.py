@@ -1042,14 +1042,15 @@ def _drop_crowded(along: np.ndarray, scores: np.ndarray, min_ratio: float) -> np
 def disc_points_from_probability(
     prob: np.ndarray, affine: np.ndarray, centerline=None, *, threshold: float = 0.5,
     min_volume_mm3: float = 150.0, min_separation_mm: float = 8.0, max_cord_distance_mm: float = 45.0,
-    max_line_distance_mm: float = 60.0, min_gap_ratio: float = 0.55,
+    max_line_distance_mm: float = 60.0, min_gap_ratio: float = 0.55, max_behind_mm: float = 10.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Disc points from a disc-tissue probability map: ``(points_mm (K, 3), scores (K,))``, inferior first.
 
     Each connected blob above ``threshold`` of at least ``min_volume_mm3`` is one disc (of two
     blobs closer than ``min_separation_mm`` along the spine, one disc split in two, the larger
     is kept); the score is its mean probability. With a centerline, blobs whose centre lies
-    farther than ``max_line_distance_mm`` from it (extended straight beyond its ends) are not
+    farther than ``max_line_distance_mm`` from it (extended straight beyond its ends), or more than
+    ``max_behind_mm`` behind it (posterior elements, paraspinal fat: discs lie in front of the canal), are not
     discs of this spine. Discs are regularly spaced: while a gap between neighbours is shorter
     than ``min_gap_ratio`` x the median of the nearby gaps, the lower-scoring disc of that gap
     is dropped (at least four discs needed). The SCT convention puts disc labels on the canal
@@ -1077,8 +1078,11 @@ def disc_points_from_probability(
     volume = np.array([len(b) for b in blobs], float)
     line = _centerline_mm(centerline) if centerline is not None else None
     if line is not None:
-        key, dist, _ = _closest_on_polyline(centres, line, extrapolate=True)
-        near = np.flatnonzero(dist <= max_line_distance_mm)
+        key, dist, closest = _closest_on_polyline(centres, line, extrapolate=True)
+        arcs = _arc_lengths(line)
+        behind = np.array([np.dot(c - q, _posterior(_tangent_at_arc(line, arcs, s, 10.0)))
+                           for c, q, s in zip(centres, closest, key, strict=True)])
+        near = np.flatnonzero((dist <= max_line_distance_mm) & (behind <= max_behind_mm))
         centres, scores, volume, key = centres[near], scores[near], volume[near], key[near]
         blobs = [blobs[i] for i in near]
         if not blobs:

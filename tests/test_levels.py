@@ -468,8 +468,8 @@ def test_identify_edge_cases():
 
 def test_disc_blobs_far_from_the_spine_or_crowded_between_discs_are_dropped():
     """Regular discs along the cord are kept; a weaker blob squeezed between two discs (gap 10 mm
-    where discs are 25 mm apart) and a disc-like blob 120 mm from the spine below the cord's end
-    (where blobs are not anchored to the cord) are not discs."""
+    where discs are 25 mm apart), a disc-like blob 120 mm from the spine below the cord's end
+    (where blobs are not anchored to the cord) and one behind the cord are not discs."""
     zooms = 1.5
     shape = (40, 120, 140)
     affine = np.diag([zooms, zooms, zooms, 1.0])
@@ -499,3 +499,10 @@ def test_disc_blobs_far_from_the_spine_or_crowded_between_discs_are_dropped():
     np.testing.assert_allclose(points[:, 2], discs_z, atol=1.5)
     loose, _ = lv.disc_points_from_probability(prob, affine, short, max_line_distance_mm=1e9)
     assert (loose[:, 1] > 100.0).any()      # without the distance check it would count as a disc
+
+    # a disc-like blob 18 mm behind the cord (posterior elements, paraspinal fat) is no disc
+    blob(np.array([30.0, 2.0, 92.0]), 0.9)
+    points, _ = lv.disc_points_from_probability(prob, affine, centerline)
+    np.testing.assert_allclose(points[:, 2], discs_z, atol=1.0)
+    loose, _ = lv.disc_points_from_probability(prob, affine, centerline, max_behind_mm=1e9)
+    assert any(abs(z - 92.0) < 1.5 for z in loose[:, 2])
