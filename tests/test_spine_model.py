@@ -197,8 +197,10 @@ def test_whole_view_evaluation_of_a_perfect_model(whole_view, monkeypatch):
     assert row["identified"] and row["discs_matched"] >= row["discs_true"] - 1
     assert max(row["disc_errors_mm"]) < 3.0
     assert row["identities_correct"] >= row["discs_true"] - 1
+    assert row["identities_correct"] + row["identities_wrong"] == row["discs_matched"]
     summary = view_eval.summarise([row])
     assert summary["identities_correct_rate"] >= (row["discs_true"] - 1) / row["discs_true"]
+    assert summary["identities_wrong_rate"] == row["identities_wrong"] / row["discs_true"]
     assert summary["cord_found_rate"] == 1.0
 
 

@@ -10,7 +10,8 @@ measures what users rely on:
 - for models with ``discs``/``anchors`` outputs: disc position error (mm, each true disc
   matched to the nearest detection within ``match_mm``), detection recall, identities
   (a disc counts as correct only when detected *and* given its true value; a skipped
-  identification counts as a failure) and the T9-T10 split-point error.
+  identification counts as a failure), wrong identities (detected discs given another value: a
+  skip is safe, a wrong value is not) and the T9-T10 split-point error.
 
 Used by ``conus train --task spine`` (numbers recorded in the bundle) and by
 ``evaluation/eval_levels.py``.
@@ -81,7 +82,7 @@ def evaluate_view(predict_fn, sample, outputs: Sequence[str], patch_size, overla
     truth = true_discs(sample)
     auto = view_discs(heat, outputs, sample, centre)
     values = auto.identification.values
-    errors, correct = [], 0
+    errors, correct, wrong = [], 0, 0
     split_error = None
     for value, point in truth:
         if len(auto.points_mm) == 0:
@@ -95,8 +96,10 @@ def evaluate_view(predict_fn, sample, outputs: Sequence[str], patch_size, overla
             correct += 1
             if value == SPLIT_VALUE:
                 split_error = float(d[i])
+        elif values is not None:
+            wrong += 1
     row.update({"discs_true": len(truth), "discs_detected": int(len(auto.points_mm)), "discs_matched": len(errors),
-                "disc_errors_mm": errors, "identities_correct": correct,
+                "disc_errors_mm": errors, "identities_correct": correct, "identities_wrong": wrong,
                 "identified": values is not None, "sacrum_in_view": auto.sacrum_in_view,
                 "top_in_view": auto.top_in_view, "identification": auto.identification.reason,
                 "split_point_error_mm": split_error,
@@ -141,6 +144,7 @@ def summarise(rows: list[dict]) -> dict:
             "disc_error_mm_median": float(np.median(errs)) if errs else None,
             "disc_within_3mm": (sum(e <= 3.0 for e in errs) / n_true) if n_true else None,
             "identities_correct_rate": (sum(r["identities_correct"] for r in disc_rows) / n_true) if n_true else None,
+            "identities_wrong_rate": (sum(r.get("identities_wrong", 0) for r in disc_rows) / n_true) if n_true else None,
             "identified_views": sum(r["identified"] for r in disc_rows if r["discs_true"]),
             "views_with_discs": sum(1 for r in disc_rows if r["discs_true"]),
             "split_point_views": len(splits),
