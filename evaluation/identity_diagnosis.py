@@ -3,15 +3,17 @@
 Runs a spine bundle (cord + discs [+ anchors]) over held-out whole synthetic views, the way
 ``bids_app.training.view_eval`` does, and scores the disc identities three ways:
 
-- ``model``: what conus ships (sacrum / top-of-spine flags from the model's anchor output);
+- ``model``: what conus ships (sacrum / top-of-spine flags from the model's anchor output, weighed
+  against spacing and conus, and the disc-free room at the chain's ends);
 - ``oracle_anchors``: the same detections, with the sacrum and top-of-spine flags taken from the
-  truth (L5-S1 / C2-C3 in view): the most a perfect anchor output could give on its own;
+  truth (L5-S1 / C2-C3 in view) and held fixed: the most a perfect anchor output could give on its own;
 - ``oracle_anchors_drop_beyond``: as above, and detections more than ``margin`` mm beyond the true
   L5-S1 / C2-C3 (inside the sacrum or C2/C1/skull) removed, as a perfect anchor *region* would.
 
 It also counts the detector's errors per view: false detections (no true disc within
 ``match_mm``) above the top true disc, below the bottom one or in between, and missed discs.
-A skipped identification counts as a failure (as in the issue). Usage::
+A skipped identification counts as a failure (as in the issue); ``wrong_*`` counts the detected
+true discs given another value (a skip is safe, a wrong value is not). Usage::
 
     python evaluation/identity_diagnosis.py --model spine-coarse --pam50 DIR [--n 3] [--out JSON]
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -47,15 +50,17 @@ def drop_beyond(points: np.ndarray, truth: list[tuple[int, np.ndarray]], margin:
     return points[keep]
 
 
-def identity_hits(points: np.ndarray, values, truth: list[tuple[int, np.ndarray]], match_mm: float = 10.0) -> int:
-    """True discs detected (nearest detection within ``match_mm``) *and* given their true value."""
+def identity_hits(points: np.ndarray, values, truth: list[tuple[int, np.ndarray]], match_mm: float = 10.0,
+                  wrong: bool = False) -> int:
+    """True discs detected (nearest detection within ``match_mm``) *and* given their true value (with
+    ``wrong``: detected and given another value)."""
     if values is None or len(points) == 0:
         return 0
     hits = 0
     for value, point in truth:
         d = np.linalg.norm(points - point, axis=1)
         i = int(np.argmin(d))
-        hits += int(d[i] <= match_mm and values[i] == value)
+        hits += int(d[i] <= match_mm and (values[i] != value if wrong else values[i] == value))
     return hits
 
 
@@ -91,12 +96,15 @@ def diagnose_view(predict_fn, sample, outputs, patch_size) -> dict:
     row = {"region": sample.region, "discs_true": len(truth), "discs_detected": int(len(points)),
            **detection_errors(points, truth), "model_flags": [bool(auto.sacrum_in_view), bool(auto.top_in_view)],
            "oracle_flags": [sacrum, top]}
-    row["model"] = identity_hits(points, auto.identification.values, truth)
-    oracle = lv.identify_discs(points, sacrum, top, conus) if len(points) else None
-    row["oracle_anchors"] = identity_hits(points, oracle.values if oracle else None, truth)
+    fixed = lv.IdentifyConfig(anchor_lr=math.inf)  # perfect flags are held fixed
+    oracle = lv.identify_discs(points, sacrum, top, conus, config=fixed) if len(points) else None
     kept = drop_beyond(points, truth)
-    dropped = lv.identify_discs(kept, sacrum, top, conus) if len(kept) else None
-    row["oracle_anchors_drop_beyond"] = identity_hits(kept, dropped.values if dropped else None, truth)
+    dropped = lv.identify_discs(kept, sacrum, top, conus, config=fixed) if len(kept) else None
+    for cond, pts, ident in (("model", points, auto.identification), ("oracle_anchors", points, oracle),
+                             ("oracle_anchors_drop_beyond", kept, dropped)):
+        values = ident.values if ident else None
+        row[cond] = identity_hits(pts, values, truth)
+        row[f"wrong_{cond}"] = identity_hits(pts, values, truth, wrong=True)
     row["reason_drop_beyond"] = dropped.reason if dropped else "no discs left"
     return row
 
@@ -106,6 +114,7 @@ def summarise(rows: list[dict]) -> dict:
     out = {"views": len(rows), "discs_true": n_true}
     for cond in CONDITIONS:
         out[f"identities_{cond}"] = sum(r[cond] for r in rows) / n_true if n_true else None
+        out[f"wrong_{cond}"] = sum(r.get(f"wrong_{cond}", 0) for r in rows) / n_true if n_true else None
     for key in ("false_above", "false_below", "false_inside", "missed"):
         out[key] = sum(r[key] for r in rows)
     out["views_with_false_beyond_extremes"] = sum(r["false_above"] + r["false_below"] > 0 for r in rows)

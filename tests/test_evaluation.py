@@ -129,7 +129,12 @@ def test_identity_diagnosis_helpers():
     # identities count only when the nearest detection carries the true value
     assert diag.identity_hits(points, [None, 25, 24, 22], truth) == 2
     assert diag.identity_hits(points, None, truth) == 0
-    rows = [{"discs_true": 3, "model": 0, "oracle_anchors": 2, "oracle_anchors_drop_beyond": 3, **errors}]
+    # a wrong value on a detected disc is counted apart from a skip (L3-L4 detected, named 22)
+    assert diag.identity_hits(points, [None, 25, 24, 22], truth, wrong=True) == 0
+    assert diag.identity_hits(points, [None, 24, 23, 22], truth, wrong=True) == 2
+    rows = [{"discs_true": 3, "model": 0, "oracle_anchors": 2, "oracle_anchors_drop_beyond": 3,
+             "wrong_oracle_anchors": 1, **errors}]
     summary = diag.summarise(rows)
     assert summary["identities_oracle_anchors"] == pytest.approx(2 / 3)
+    assert summary["wrong_oracle_anchors"] == pytest.approx(1 / 3) and summary["wrong_model"] == 0
     assert summary["identities_oracle_anchors_drop_beyond"] == 1.0 and summary["views_with_false_beyond_extremes"] == 1
