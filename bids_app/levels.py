@@ -735,6 +735,7 @@ def identify_discs(
     first = np.where(states == lowest, 0.0, against) if sacrum_in_view else np.zeros(len(states))
     last = np.where(states == highest, 0.0, against) if top_in_view else np.zeros(len(states))
 
+    miss = math.log(config.miss_prob)
     log_scales = np.linspace(-3 * config.scale_sd, 3 * config.scale_sd, 31)
     best = (-np.inf, None)
     log_evidence = []
@@ -745,7 +746,6 @@ def identify_discs(
         unary[0] = unary[0] + first
         unary[-1] = unary[-1] + last
         if room is not None:
-            miss = math.log(config.miss_prob)
             unary[0] = unary[0] + miss * _visible_beyond(states, room[0], scale, config, below=True)
             unary[-1] = unary[-1] + miss * _visible_beyond(states, room[1], scale, config, below=False)
         pair = [_pair_log_potential(states, gaps[i], scale, config) for i in range(n - 1)]
@@ -1110,7 +1110,6 @@ def disc_points_from_probability(
     inside = np.zeros(len(centres), dtype=bool)
     if line is not None:
         position, dist, closest = _closest_on_polyline(centres, line, extrapolate=True)
-        arcs = _arc_lengths(line)
         inside = (position >= arcs[0]) & (position <= arcs[-1])
         anchored = inside & (dist <= max_cord_distance_mm)
         points[anchored] = closest[anchored]

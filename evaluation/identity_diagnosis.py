@@ -54,14 +54,12 @@ def identity_hits(points: np.ndarray, values, truth: list[tuple[int, np.ndarray]
                   wrong: bool = False) -> int:
     """True discs detected (nearest detection within ``match_mm``) *and* given their true value (with
     ``wrong``: detected and given another value)."""
-    if values is None or len(points) == 0:
+    from bids_app.training.view_eval import match_true_discs
+
+    if values is None:
         return 0
-    hits = 0
-    for value, point in truth:
-        d = np.linalg.norm(points - point, axis=1)
-        i = int(np.argmin(d))
-        hits += int(d[i] <= match_mm and (values[i] != value if wrong else values[i] == value))
-    return hits
+    return sum(i is not None and (values[i] != value if wrong else values[i] == value)
+               for value, i, _ in match_true_discs(points, truth, match_mm))
 
 
 def detection_errors(points: np.ndarray, truth: list[tuple[int, np.ndarray]], match_mm: float = 10.0) -> dict:

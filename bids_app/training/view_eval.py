@@ -49,6 +49,21 @@ def true_discs(sample) -> list[tuple[int, np.ndarray]]:
     return [(int(v), np.asarray(p, float)) for v, p in sample.discs if 3 <= int(v) <= 25]
 
 
+def match_true_discs(points_mm: np.ndarray, truth: list[tuple[int, np.ndarray]], match_mm: float = 10.0):
+    """For each true disc ``(value, xyz mm)``: ``(value, index of the nearest detection, distance mm)``,
+    or ``(value, None, None)`` when no detection lies within ``match_mm``."""
+    out = []
+    for value, point in truth:
+        if len(points_mm):
+            d = np.linalg.norm(np.asarray(points_mm) - point, axis=1)
+            i = int(np.argmin(d))
+            if d[i] <= match_mm:
+                out.append((value, i, float(d[i])))
+                continue
+        out.append((value, None, None))
+    return out
+
+
 def view_discs(heat: np.ndarray, outputs: Sequence[str], sample, centre):
     """Detected and identified discs (:class:`bids_app.levels.AutoDiscs`) from a spine model's outputs."""
     from bids_app import levels as lv
@@ -84,18 +99,14 @@ def evaluate_view(predict_fn, sample, outputs: Sequence[str], patch_size, overla
     values = auto.identification.values
     errors, correct, wrong = [], 0, 0
     split_error = None
-    for value, point in truth:
-        if len(auto.points_mm) == 0:
+    for value, i, dist in match_true_discs(auto.points_mm, truth, match_mm):
+        if i is None:
             continue
-        d = np.linalg.norm(auto.points_mm - point, axis=1)
-        i = int(np.argmin(d))
-        if d[i] > match_mm:
-            continue
-        errors.append(float(d[i]))
+        errors.append(dist)
         if values is not None and values[i] == value:
             correct += 1
             if value == SPLIT_VALUE:
-                split_error = float(d[i])
+                split_error = dist
         elif values is not None:
             wrong += 1
     row.update({"discs_true": len(truth), "discs_detected": int(len(auto.points_mm)), "discs_matched": len(errors),
